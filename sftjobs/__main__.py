@@ -1,0 +1,3 @@
+from sftjobs.cli import main
+
+raise SystemExit(main())

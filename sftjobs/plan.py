@@ -1,0 +1,99 @@
+"""Profile -> Plan: the steps to run, their resources and their afterok parents. Pure: no files, no cluster."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sftjobs.profile import Profile
+
+TRAIN_KINDS = ("train",)
+
+
+@dataclass
+class Resources:
+    nodes: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+    mem: str | None = None
+    time: str | None = None
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    sbatch_extra: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Step:
+    name: str            # unique within a run: data, model, preflight, dry_run, validate_dry_run, train, validate
+    kind: str            # what runs: data | model | preflight | train | validate
+    after: list[str]     # afterok parents
+    resources: Resources
+    script: str          # launch script, relative to the run directory
+    target: str | None = None  # the training config a train/validate step works on (full | dry_run)
+
+
+@dataclass
+class Plan:
+    profile: str
+    dry_run_first: bool
+    steps: list[Step]
+
+    def step(self, name: str) -> Step:
+        for step in self.steps:
+            if step.name == name:
+                return step
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        steps = [Step(**{**s, "resources": Resources(**s["resources"])}) for s in data["steps"]]
+        return cls(profile=data["profile"], dry_run_first=data["dry_run_first"], steps=steps)
+
+    def dependants(self, name: str) -> list[str]:
+        """Every step that (transitively) waits on ``name``, in plan order."""
+        broken = {name}
+        for step in self.steps:
+            if broken.intersection(step.after):
+                broken.add(step.name)
+        return [s.name for s in self.steps if s.name in broken and s.name != name]
+
+
+def build_plan(profile: Profile, dry_run_first: bool = False) -> Plan:
+    res = profile.values["resources"]
+    shared = dict(partition=res["partition"], account=res["account"], qos=res["qos"],
+                  constraint=res["constraint"], sbatch_extra=list(res["sbatch_extra"]))
+    cpu = Resources(nodes=1, gpus_per_node=0, cpus_per_task=min(res["cpu_step_cpus"], res["cpus_per_task"]),
+                    mem=res["cpu_step_mem"], time=_time(res["cpu_step_time"]), **shared)
+    gpus = res["gpus_per_node"]
+    train = Resources(nodes=res["nodes"], gpus_per_node=gpus, cpus_per_task=res["cpus_per_task"],
+                      mem=res["mem"], time=_time(res["time"]), **shared)
+    # Checks and validation need the node's GPUs (visibility, memory, inference) but one node and short.
+    one_node = Resources(nodes=1, gpus_per_node=gpus, cpus_per_task=min(res["cpus_per_task"], 16),
+                         mem=res["mem"], time="01:00:00", **shared)
+
+    steps = [
+        Step("data", "data", [], cpu, "steps/data.sh"),
+        Step("model", "model", [], cpu, "steps/model.sh"),
+        Step("preflight", "preflight", ["data", "model"], one_node, "steps/preflight.sh"),
+    ]
+    gate = "preflight"
+    if dry_run_first:
+        steps += [
+            Step("dry_run", "train", ["preflight"], train, "steps/dry_run.sh", target="dry_run"),
+            Step("validate_dry_run", "validate", ["dry_run"], one_node, "steps/validate_dry_run.sh", target="dry_run"),
+        ]
+        gate = "validate_dry_run"
+    steps += [
+        Step("train", "train", [gate], train, "steps/train.sh", target="full"),
+        Step("validate", "validate", ["train"], one_node, "steps/validate.sh", target="full"),
+    ]
+    return Plan(profile=profile.name, dry_run_first=dry_run_first, steps=steps)
+
+
+def _time(value: str | int | None) -> str | None:
+    return None if value is None else str(value)

@@ -1,0 +1,403 @@
+"""Stage profiles: configs/<name>.yaml (+ ``extends:`` + ``--set key=value``) -> a validated Profile.
+
+Every mistake a user can make in a profile is caught here, before anything is rendered or queued,
+with the file, the dotted key and what to do.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sftjobs.errors import SftjobsError
+from sftjobs.resources import shipped_dir
+
+DEEPSPEED_CHOICES = ("none", "z0", "z2", "z2_offload", "z3", "z3_offload")
+EXECUTOR_CHOICES = ("auto", "slurm", "local", "debug")
+SOURCE_CHOICES = ("hub", "path", "synthetic")
+SHAPE_CHOICES = ("sharegpt", "alpaca", "auto")
+DATASET_NAMES = ("arpo_sft_54k", "arpo_sft_toy")
+# Slurm --time forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S
+_TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
+_MEM_RE = re.compile(r"^\d+[KMGT]?$")
+
+
+@dataclass(frozen=True)
+class Key:
+    """One profile key: its type, default and an optional extra check returning an error or None."""
+
+    type: type | tuple[type, ...]
+    default: Any
+    check: Callable[[Any], str | None] | None = None
+    help: str = ""
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
+
+
+def _at_least(low: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v is None or v >= low else f"must be >= {low:g}"
+
+
+def _time(v: Any) -> str | None:
+    return None if v is None or _TIME_RE.match(str(v)) else "must be a Slurm time like 02:00:00, 90 or 1-12:00:00"
+
+
+def _mem(v: Any) -> str | None:
+    return None if v is None or _MEM_RE.match(str(v)) else "must be a Slurm memory size like 64G or 16000M"
+
+
+def _fraction(v: Any) -> str | None:
+    return None if 0.0 <= v <= 1.0 else "must be between 0 and 1"
+
+
+OPT_STR = (str, type(None))
+SCHEMA: dict[str, Key] = {
+    "description": Key(str, ""),
+    "extends": Key(OPT_STR, None, help="parent profile (name or path)"),
+    "output_dir": Key(str, None),
+    "deepspeed": Key(str, "none", _choice(DEEPSPEED_CHOICES)),
+    "model.source": Key(str, "hub", _choice(SOURCE_CHOICES)),
+    "model.hub_id": Key(OPT_STR, None),
+    "model.revision": Key(OPT_STR, None),
+    "model.local_dir": Key(OPT_STR, None),
+    "model.path": Key(OPT_STR, None),
+    "data.source": Key(str, "hub", _choice(SOURCE_CHOICES)),
+    "data.hub_repo": Key(OPT_STR, None),
+    "data.hub_file": Key(OPT_STR, None),
+    "data.revision": Key(OPT_STR, None),
+    "data.path": Key(OPT_STR, None),
+    "data.synthetic_rows": Key(int, 200, _at_least(1)),
+    "data.dir": Key(str, "./data"),
+    "data.shape": Key(str, "sharegpt", _choice(SHAPE_CHOICES)),
+    "data.dataset": Key(str, "arpo_sft_toy", _choice(DATASET_NAMES)),
+    "data.toy_samples": Key(int, 500, _at_least(1)),
+    "data.max_bad_fraction": Key((int, float), 0.001, _fraction),
+    "dry_run.max_samples": Key(int, 1000, _at_least(1)),
+    "resources.executor": Key(str, "auto", _choice(EXECUTOR_CHOICES)),
+    "resources.partition": Key(OPT_STR, None),
+    "resources.account": Key(OPT_STR, None),
+    "resources.qos": Key(OPT_STR, None),
+    "resources.constraint": Key(OPT_STR, None),
+    "resources.nodes": Key(int, 1, _at_least(1)),
+    "resources.gpus_per_node": Key(int, 1, _at_least(0)),
+    "resources.max_gpus_per_node": Key(int, 8, _at_least(1), "GPUs one node of the cluster has"),
+    "resources.cpus_per_task": Key(int, 8, _at_least(1)),
+    "resources.mem": Key(OPT_STR, "64G", _mem),
+    "resources.time": Key((str, int, type(None)), "24:00:00", _time),
+    "resources.sbatch_extra": Key(list, []),
+    "resources.cpu_step_cpus": Key(int, 4, _at_least(1), "CPUs for the data and model steps"),
+    "resources.cpu_step_mem": Key(OPT_STR, "16G", _mem),
+    "resources.cpu_step_time": Key((str, int, type(None)), "04:00:00", _time),
+    "launcher.python": Key(OPT_STR, None, help="python on the nodes (default: the one running sftjobs)"),
+    "launcher.setup": Key(list, [], help="shell lines run before each step (module load, source venv)"),
+    "launcher.master_port_base": Key(int, 20000, _at_least(1024)),
+    "train": Key(dict, {}, help="LLaMA-Factory keys, passed through"),
+}
+SECTIONS = {k.split(".")[0] for k in SCHEMA if "." in k}
+
+# LLaMA-Factory keys that sftjobs owns: a profile sets them through its own keys instead.
+MANAGED_TRAIN_KEYS = {
+    "model_name_or_path": "model.source / model.hub_id / model.path",
+    "output_dir": "output_dir (top level)",
+    "deepspeed": "deepspeed (top level: none, z2, z3, z3_offload, ...)",
+    "dataset_dir": "data.dir",
+    "dataset": "data.dataset",
+    "overwrite_output_dir": "nothing: sftjobs never overwrites a run's output_dir, so restarts resume",
+}
+# Passed-through LLaMA-Factory keys whose values sftjobs checks itself because a bad one wastes a GPU job.
+_TRAIN_CHECKS: dict[str, tuple[type | tuple[type, ...], Callable[[Any], str | None]]] = {
+    "per_device_train_batch_size": (int, _at_least(1)),
+    "gradient_accumulation_steps": (int, _at_least(1)),
+    "cutoff_len": (int, _at_least(1)),
+    "max_samples": (int, _at_least(1)),
+    "num_train_epochs": ((int, float), lambda v: None if v > 0 else "must be > 0"),
+    "learning_rate": ((int, float), lambda v: None if v > 0 else "must be > 0"),
+    "save_steps": (int, _at_least(1)),
+    "logging_steps": (int, _at_least(1)),
+    "preprocessing_num_workers": (int, _at_least(1)),
+    "warmup_ratio": ((int, float), _fraction),
+}
+
+
+def llamafactory_keys() -> frozenset[str]:
+    """Every key LLaMA-Factory 0.9.5's argument parser accepts (snapshot; a train-tier test checks it)."""
+    path = Path(__file__).with_name("llamafactory_keys.txt")
+    return frozenset(line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#"))
+
+
+@dataclass
+class Profile:
+    """A resolved, validated profile: ``values`` is the nested dict with every default filled in."""
+
+    name: str
+    source: str  # the file it came from (the leaf of the extends chain)
+    values: dict[str, Any]
+    chain: list[str] = field(default_factory=list)  # files, leaf first
+    overrides: list[str] = field(default_factory=list)
+
+    def get(self, dotted: str) -> Any:
+        node: Any = self.values
+        for part in dotted.split("."):
+            node = node[part]
+        return node
+
+    @property
+    def train(self) -> dict[str, Any]:
+        return self.values["train"]
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.values, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- finding and reading
+
+
+def profile_search_path(cwd: Path | None = None) -> list[Path]:
+    """The user's ./configs first (their own stages), then the profiles sftjobs ships."""
+    paths = [(cwd or Path.cwd()) / "configs"]
+    shipped = shipped_dir("configs")
+    if shipped.resolve() not in [p.resolve() for p in paths]:
+        paths.append(shipped)
+    return paths
+
+
+def find_profile(ref: str, relative_to: Path | None = None) -> Path:
+    """PROFILE is a path to a YAML file or a name found in configs/."""
+    candidate = Path(ref)
+    if relative_to is not None and not candidate.is_absolute():
+        candidate = relative_to / candidate
+    if ref.endswith((".yaml", ".yml")) or "/" in ref:
+        if candidate.is_file():
+            return candidate
+        raise SftjobsError(f"profile file {candidate} does not exist. Give a path to a YAML file or a name from `sftjobs profiles`.")
+    for directory in ([relative_to] if relative_to else []) + profile_search_path():
+        for suffix in (".yaml", ".yml"):
+            path = directory / f"{ref}{suffix}"
+            if path.is_file():
+                return path
+    known = sorted(list_profile_names())
+    hint = _did_you_mean(ref, known)
+    raise SftjobsError(f"no profile named {ref!r}{hint}. Known profiles: {', '.join(known) or 'none'} (see `sftjobs profiles`).")
+
+
+def list_profile_names() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for directory in reversed(profile_search_path()):
+        if directory.is_dir():
+            for path in sorted(directory.glob("*.y*ml")):
+                found[path.stem] = path
+    return found
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SftjobsError(f"cannot read profile {path}: {exc.strerror}.") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SftjobsError(f"profile {path} is not valid YAML{where}: {problem}. Fix the YAML syntax there.") from None
+    if data is None:
+        raise SftjobsError(f"profile {path} is empty. A profile needs at least output_dir, model and data (see configs/toy.yaml).")
+    if not isinstance(data, dict):
+        raise SftjobsError(f"profile {path} must be a YAML mapping of keys, not a {type(data).__name__}.")
+    return data
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Mappings merge key by key; anything else (lists included) in ``top`` replaces ``base``."""
+    merged = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _load_chain(path: Path, seen: list[Path]) -> tuple[dict[str, Any], list[str]]:
+    resolved = path.resolve()
+    if resolved in seen:
+        cycle = " -> ".join(str(p) for p in seen + [resolved])
+        raise SftjobsError(f"profiles extend each other in a loop: {cycle}. Remove one `extends:`.")
+    data = read_yaml_mapping(path)
+    parent_ref = data.get("extends")
+    if parent_ref is None:
+        return data, [str(path)]
+    if not isinstance(parent_ref, str):
+        raise SftjobsError(f"{path}: key 'extends' must be a profile name or path, not {parent_ref!r}.")
+    try:
+        parent_path = find_profile(parent_ref, relative_to=path.parent)
+    except SftjobsError as exc:
+        raise SftjobsError(f"{path}: its parent profile (extends: {parent_ref}) cannot be found: {exc}") from None
+    parent, chain = _load_chain(parent_path, seen + [resolved])
+    return deep_merge(parent, data), [str(path)] + chain
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``--set train.cutoff_len=2048``: the value is read as YAML, so numbers and booleans keep their type."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise SftjobsError(f"--set {text!r} must look like key=value, e.g. --set train.cutoff_len=2048.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # not YAML: keep the text verbatim
+    return key, value
+
+
+def apply_override(values: dict[str, Any], key: str, value: Any) -> None:
+    node = values
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise SftjobsError(f"--set {key}: {part!r} is a value, not a section, so it has no key {parts[-1]!r}.")
+        node = child
+    node[parts[-1]] = value
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _did_you_mean(word: str, options: list[str] | set[str] | frozenset[str]) -> str:
+    close = difflib.get_close_matches(word, sorted(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _type_name(t: type | tuple[type, ...]) -> str:
+    types = t if isinstance(t, tuple) else (t,)
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true/false", list: "a list",
+             dict: "a mapping", type(None): "null"}
+    return " or ".join(names.get(x, x.__name__) for x in types)
+
+
+def _is_type(value: Any, t: type | tuple[type, ...]) -> bool:
+    types = t if isinstance(t, tuple) else (t,)
+    if isinstance(value, bool) and bool not in types:
+        return False  # YAML true is not an integer here
+    return isinstance(value, types)
+
+
+def _flatten(values: dict[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in SECTIONS and isinstance(value, dict):
+            for sub, subvalue in value.items():
+                flat[f"{key}.{sub}"] = subvalue
+        else:
+            flat[key] = value
+    return flat
+
+
+def validate(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """Check keys, types and values; return the nested dict with defaults filled in."""
+    flat = _flatten(raw)
+    for key, value in flat.items():
+        if key in SECTIONS:  # e.g. `model: foo` instead of a mapping
+            raise SftjobsError(f"{where}: key {key!r} must be a mapping of keys ({key}.xxx), not {value!r}.")
+        if key not in SCHEMA:
+            section = key.split(".")[0]
+            options = [k for k in SCHEMA if k.startswith(section + ".")] if "." in key else list(SCHEMA)
+            hint = _did_you_mean(key, options) or _did_you_mean(key, SCHEMA.keys())
+            raise SftjobsError(f"{where}: unknown key {key!r}{hint}. Known keys are listed in configs/toy.yaml.")
+    values: dict[str, Any] = {}
+    for key, spec in SCHEMA.items():
+        value = flat.get(key, copy.deepcopy(spec.default))
+        if value is None and spec.default is None and type(None) not in (spec.type if isinstance(spec.type, tuple) else (spec.type,)):
+            if key == "output_dir":
+                raise SftjobsError(f"{where}: key 'output_dir' is missing. Set it to the checkpoint directory, e.g. output_dir: ./checkpoints/my_run.")
+        elif not _is_type(value, spec.type):
+            raise SftjobsError(f"{where}: key {key!r} must be {_type_name(spec.type)}, not {value!r}.")
+        elif spec.check is not None and (problem := spec.check(value)):
+            raise SftjobsError(f"{where}: key {key!r} {problem} (got {value!r}).")
+        node = values
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    _validate_train(values["train"], where)
+    _validate_relations(values, where)
+    return values
+
+
+def _validate_train(train: dict[str, Any], where: str) -> None:
+    known = llamafactory_keys()
+    for key, value in train.items():
+        if key in MANAGED_TRAIN_KEYS:
+            raise SftjobsError(f"{where}: train.{key} is set by sftjobs; use {MANAGED_TRAIN_KEYS[key]} instead.")
+        if key not in known:
+            raise SftjobsError(f"{where}: unknown LLaMA-Factory key train.{key}{_did_you_mean(key, known)}. "
+                               "train: passes keys to LLaMA-Factory 0.9.5 unchanged, so it must be one of its arguments.")
+        if key in _TRAIN_CHECKS:
+            expected, check = _TRAIN_CHECKS[key]
+            if not _is_type(value, expected):
+                raise SftjobsError(f"{where}: key 'train.{key}' must be {_type_name(expected)}, not {value!r}.")
+            if problem := check(value):
+                raise SftjobsError(f"{where}: key 'train.{key}' {problem} (got {value!r}).")
+
+
+def _validate_relations(v: dict[str, Any], where: str) -> None:
+    res, model, data = v["resources"], v["model"], v["data"]
+    if res["gpus_per_node"] > res["max_gpus_per_node"]:
+        raise SftjobsError(f"{where}: resources.gpus_per_node is {res['gpus_per_node']} but a node has "
+                           f"{res['max_gpus_per_node']} GPUs (resources.max_gpus_per_node). Use more nodes or fewer GPUs.")
+    if v["deepspeed"] != "none" and res["gpus_per_node"] == 0:
+        raise SftjobsError(f"{where}: deepspeed: {v['deepspeed']} needs GPUs but resources.gpus_per_node is 0. "
+                           "Set deepspeed: none for a CPU run, or ask for GPUs.")
+    if res["nodes"] > 1 and res["executor"] in ("local", "debug"):
+        raise SftjobsError(f"{where}: resources.nodes is {res['nodes']} but the {res['executor']} executor runs on this "
+                           "machine only. Use executor slurm (or auto on a Slurm cluster), or nodes: 1.")
+    if res["nodes"] > 1 and res["gpus_per_node"] == 0:
+        raise SftjobsError(f"{where}: a multi-node run (resources.nodes {res['nodes']}) needs GPUs on each node.")
+    if model["source"] == "hub" and not (model["hub_id"] and model["local_dir"]):
+        raise SftjobsError(f"{where}: model.source hub needs model.hub_id and model.local_dir (where to download it).")
+    if model["source"] == "path" and not model["path"]:
+        raise SftjobsError(f"{where}: model.source path needs model.path (a local model directory).")
+    if model["source"] == "synthetic" and not model["local_dir"]:
+        raise SftjobsError(f"{where}: model.source synthetic needs model.local_dir (where sftjobs makes the tiny model).")
+    if data["source"] == "hub" and not (data["hub_repo"] and data["hub_file"]):
+        raise SftjobsError(f"{where}: data.source hub needs data.hub_repo and data.hub_file, e.g. "
+                           "dongguanting/ARPO-SFT-54K and final_5w4_still.jsonl.")
+    if data["source"] == "path" and not data["path"]:
+        raise SftjobsError(f"{where}: data.source path needs data.path (a JSONL or JSON file).")
+    if v["train"].get("bf16") and res["gpus_per_node"] == 0:
+        raise SftjobsError(f"{where}: train.bf16 is true but resources.gpus_per_node is 0; a CPU run needs bf16: false.")
+
+
+def load_profile(ref: str, overrides: list[str] | None = None) -> Profile:
+    """Find, read, merge (extends), override (--set) and validate one profile."""
+    path = find_profile(ref)
+    raw, chain = _load_chain(path, [])
+    raw.pop("extends", None)
+    overrides = list(overrides or [])
+    for text in overrides:
+        key, value = parse_override(text)
+        if key == "extends":
+            raise SftjobsError("--set extends=... is not supported; pass the parent profile as PROFILE instead.")
+        apply_override(raw, key, value)
+    where = str(path) + (f" (with --set {' '.join(overrides)})" if overrides else "")
+    values = validate(raw, where)
+    return Profile(name=path.stem, source=str(path), values=values, chain=chain, overrides=overrides)

@@ -1,0 +1,68 @@
+"""The run store: jobs/<run-id>/ folders and their manifest.json, readable without the process that made them."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from sftjobs.errors import SftjobsError
+from sftjobs.fsutil import atomic_write_json, read_json
+
+MANIFEST = "manifest.json"
+
+
+def jobs_dir() -> Path:
+    """Runs live in ./jobs, or wherever SFTJOBS_JOBS_DIR points (e.g. a shared filesystem)."""
+    return Path(os.environ.get("SFTJOBS_JOBS_DIR") or Path.cwd() / "jobs").absolute()
+
+
+def new_run_id(profile_name: str) -> str:
+    return f"{profile_name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def run_dir(run_id: str) -> Path:
+    return jobs_dir() / run_id
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    atomic_write_json(directory / MANIFEST, manifest)
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST
+    try:
+        return read_json(path)
+    except FileNotFoundError:
+        raise SftjobsError(f"{directory} has no {MANIFEST}: it is not a submitted run.") from None
+    except ValueError as exc:
+        raise SftjobsError(f"{path} is not valid JSON ({exc}).") from None
+
+
+def list_runs() -> list[Path]:
+    """Submitted runs, oldest first."""
+    root = jobs_dir()
+    if not root.is_dir():
+        return []
+    runs = [p.parent for p in root.glob(f"*/{MANIFEST}")]
+    return sorted(runs, key=lambda p: (p.joinpath(MANIFEST).stat().st_mtime, p.name))
+
+
+def find_run(ref: str | None) -> Path:
+    """RUN is a run id, a unique prefix of one, or a path; none means the newest run."""
+    runs = list_runs()
+    if ref is None:
+        if not runs:
+            raise SftjobsError(f"no runs in {jobs_dir()} yet. Start one with `sftjobs submit toy`.")
+        return runs[-1]
+    path = Path(ref)
+    if path.joinpath(MANIFEST).is_file():
+        return path.absolute()
+    matches = [r for r in runs if r.name == ref] or [r for r in runs if r.name.startswith(ref)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise SftjobsError(f"no run {ref!r} in {jobs_dir()}. `sftjobs status` lists the runs.")
+    raise SftjobsError(f"{ref!r} matches several runs ({', '.join(m.name for m in matches[:5])}); give more of the id.")
