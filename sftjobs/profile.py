@@ -29,6 +29,7 @@ DATASET_NAMES = ("arpo_sft_54k", "arpo_sft_toy")
 # Slurm --time forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S
 _TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
 _MEM_RE = re.compile(r"^\d+[KMGT]?$")
+_SCI_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 @dataclass(frozen=True)
@@ -351,6 +352,8 @@ def _validate_train(train: dict[str, Any], where: str) -> None:
         if key not in known:
             raise SftjobsError(f"{where}: unknown LLaMA-Factory key train.{key}{_did_you_mean(key, known)}. "
                                "train: passes keys to LLaMA-Factory 0.9.5 unchanged, so it must be one of its arguments.")
+        if isinstance(value, str) and _SCI_FLOAT.match(value):
+            value = train[key] = float(value)  # YAML 1.1 reads 1e-5 as text; LLaMA-Factory would take it as a float
         if key in _TRAIN_CHECKS:
             expected, check = _TRAIN_CHECKS[key]
             if not _is_type(value, expected):

@@ -1,0 +1,23 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Run with an empty working directory: no ./configs of the user's, runs go to tmp/jobs."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SFTJOBS_JOBS_DIR", str(tmp_path / "jobs"))
+    return tmp_path
+
+
+def run_cli(*args, cwd=None, env=None, timeout=120):
+    import subprocess
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "sftjobs", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# sftjobs step "train" (train) of run golden.
+# Generated from templates/step.sh.j2: runs on the node from the run directory alone.
+set -euo pipefail
+cd /RUN
+umask 022
+export PYTHONUNBUFFERED=1
+export WANDB_DISABLED=true
+export HF_DATASETS_CACHE=/BASE/data/.hf_datasets_cache
+# Distributed environment for llamafactory-cli (it reads NODE_RANK, not RANK).
+export NNODES=1
+export NPROC_PER_NODE=1
+export NODE_RANK="${SLURM_NODEID:-0}"
+if [ -n "${SLURM_JOB_NODELIST:-}" ]; then
+  MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+else
+  MASTER_ADDR=127.0.0.1
+fi
+export MASTER_ADDR
+export MASTER_PORT="$(( 20000 + ${SLURM_JOB_ID:-$$} % 20000 ))"
+export FORCE_TORCHRUN=1
+exec /usr/bin/python3 -m sftjobs.steps train --run-dir /RUN
