@@ -1,0 +1,75 @@
+"""One executor interface; backends (slurm, local, debug) specialise a few small methods.
+
+Preview and submission share one code path: ``prepare`` builds the exact requests, ``preview`` prints them,
+``submit`` sends them (TorchX's submit_dryrun / schedule split).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sftjobs.plan import Plan
+
+# Slurm's words, used by every backend so status reads the same everywhere.
+LIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "UNKNOWN"}
+DONE_OK = "COMPLETED"
+
+
+@dataclass
+class Request:
+    """What one step is sent as: the exact text the backend submits and the parents it waits for."""
+
+    step: str
+    after: list[str]
+    text: str
+
+
+@dataclass
+class StepState:
+    state: str                        # PENDING RUNNING COMPLETED FAILED CANCELLED TIMEOUT OUT_OF_MEMORY ...
+    reason: str = ""                  # squeue's %r (Dependency, DependencyNeverSatisfied, Resources, ...)
+    elapsed: str = ""
+    nodes: int | None = None
+    nodelist: str = ""
+    exit_code: str = ""
+    restarts: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def live(self) -> bool:
+        return self.state.split()[0] in LIVE_STATES
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Executor(abc.ABC):
+    name: str = ""
+
+    @abc.abstractmethod
+    def prepare(self, plan: Plan, run_dir: Path) -> list[Request]:
+        """The requests a submit would send, with placeholders for job ids not known yet."""
+
+    @abc.abstractmethod
+    def submit(self, plan: Plan, run_dir: Path) -> dict[str, str]:
+        """Queue the whole chain; return step -> job id. On a partial failure, cancel what was queued and raise."""
+
+    @abc.abstractmethod
+    def states(self, run_dir: Path, jobs: dict[str, str]) -> dict[str, StepState]:
+        """The current state of each step's job."""
+
+    @abc.abstractmethod
+    def cancel(self, run_dir: Path, job_ids: list[str]) -> None:
+        """Cancel these jobs (already finished ones are ignored)."""
+
+    def preview(self, plan: Plan, run_dir: Path) -> str:
+        lines = [f"# executor: {self.name}", "# dependency graph (afterok):"]
+        for step in plan.steps:
+            parents = ", ".join(step.after) or "-"
+            lines.append(f"#   {step.name:<17} <- {parents}")
+        for request in self.prepare(plan, run_dir):
+            lines += ["", f"# ===== step {request.step} =====", request.text.rstrip()]
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,210 @@
+"""Local backend (no Slurm): the same chain, run in dependency order on this machine by a detached runner
+process that outlives the submitting shell; debug backend: the same chain in this process, for pdb.
+
+State lives in local/chain.json (written atomically), so status reads it like a tiny squeue; PIDs are
+checked with psutil so a runner that died is reported, not shown RUNNING forever.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+from sftjobs.errors import SftjobsError
+from sftjobs.executors.base import Executor, Request, StepState
+from sftjobs.fsutil import atomic_write_json, read_json
+from sftjobs.plan import Plan, Step
+
+STATE_FILE = "local/chain.json"
+
+
+def _fmt_elapsed(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rem = divmod(seconds, 3600)
+    return f"{hours}:{rem // 60:02d}:{rem % 60:02d}" if hours else f"{rem // 60}:{rem % 60:02d}"
+
+
+class ChainState:
+    """local/chain.json: {"runner_pid", "steps": {name: {state, reason, pid, started, ended, exit_code}}}."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / STATE_FILE
+
+    def read(self) -> dict:
+        try:
+            return read_json(self.path)
+        except FileNotFoundError:
+            raise SftjobsError(f"{self.path} is missing: this run was not started by the local executor.") from None
+
+    def write(self, data: dict) -> None:
+        atomic_write_json(self.path, data)
+
+    def update(self, step: str, **fields) -> None:
+        data = self.read()
+        data["steps"][step].update(fields)
+        self.write(data)
+
+
+def step_log(run_dir: Path, step: str) -> Path:
+    return run_dir / "logs" / f"{step}.log"
+
+
+class ChainRunner:
+    """Runs a plan's steps in order; a failed step cancels everything downstream (DependencyNeverSatisfied)."""
+
+    def __init__(self, plan: Plan, run_dir: Path, invoke: Callable[[Step, Path], int]):
+        self.plan, self.run_dir, self.invoke = plan, run_dir, invoke
+        self.state = ChainState(run_dir)
+
+    def run(self) -> bool:
+        for step in self.plan.steps:
+            steps = self.state.read()["steps"]
+            if steps[step.name]["state"] != "PENDING":
+                continue  # cancelled meanwhile
+            broken = [p for p in step.after if steps[p]["state"] != "COMPLETED"]
+            if broken:
+                self.state.update(step.name, state="CANCELLED", ended=time.time(),
+                                  reason=f"DependencyNeverSatisfied ({broken[0]} {steps[broken[0]]['state']})")
+                continue
+            self.state.update(step.name, state="RUNNING", reason="", started=time.time(), pid=os.getpid())
+            code = self.invoke(step, self.run_dir)
+            current = self.state.read()["steps"][step.name]["state"]
+            if current == "CANCELLED":
+                continue
+            self.state.update(step.name, state="COMPLETED" if code == 0 else "FAILED", exit_code=f"{code}:0",
+                              ended=time.time(), reason="" if code == 0 else "NonZeroExitCode")
+        return all(s["state"] == "COMPLETED" for s in self.state.read()["steps"].values())
+
+
+def _run_script(step: Step, run_dir: Path, on_start: Callable[[int], None] | None = None) -> int:
+    log = step_log(run_dir, step.name)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as handle:
+        process = subprocess.Popen(["bash", str(run_dir / step.script)], stdout=handle, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        if on_start:
+            on_start(process.pid)
+        return process.wait()
+
+
+def initial_state(plan: Plan, runner_pid: int | None) -> dict:
+    return {"runner_pid": runner_pid, "submitted": time.time(),
+            "steps": {s.name: {"state": "PENDING", "reason": "Dependency" if s.after else "None", "pid": None,
+                               "started": None, "ended": None, "exit_code": ""} for s in plan.steps}}
+
+
+class LocalExecutor(Executor):
+    name = "local"
+
+    def prepare(self, plan: Plan, run_dir: Path) -> list[Request]:
+        return [Request(s.name, s.after, f"bash {run_dir / s.script}  > {step_log(run_dir, s.name)} 2>&1")
+                for s in plan.steps]
+
+    def submit(self, plan: Plan, run_dir: Path) -> dict[str, str]:
+        state = ChainState(run_dir)
+        state.write(initial_state(plan, None))
+        log = run_dir / "local" / "runner.log"
+        with open(log, "ab") as handle:
+            runner = subprocess.Popen([sys.executable, "-m", "sftjobs.executors.local", str(run_dir)],
+                                      stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
+                                      start_new_session=True, cwd=run_dir)
+        data = state.read()
+        data["runner_pid"] = runner.pid
+        state.write(data)
+        return {s.name: f"{runner.pid}.{i}" for i, s in enumerate(plan.steps)}
+
+    def states(self, run_dir: Path, jobs: dict[str, str]) -> dict[str, StepState]:
+        data = ChainState(run_dir).read()
+        runner_alive = _alive(data.get("runner_pid"))
+        now = time.time()
+        result = {}
+        for name, entry in data["steps"].items():
+            state, reason = entry["state"], entry.get("reason", "")
+            if state in ("RUNNING", "PENDING") and not runner_alive and data.get("runner_pid"):
+                state, reason = ("FAILED", "runner process gone") if state == "RUNNING" else ("CANCELLED", "runner process gone")
+            started, ended = entry.get("started"), entry.get("ended")
+            elapsed = _fmt_elapsed((ended or now) - started) if started else "0:00"
+            live = state in ("RUNNING", "PENDING")
+            result[name] = StepState(state, reason=reason if reason != "None" else "", elapsed=elapsed,
+                                     nodes=1, nodelist="localhost" if state != "PENDING" else "",
+                                     exit_code=entry.get("exit_code", ""), extra={"pid": entry.get("pid") if live else None})
+        return result
+
+    def cancel(self, run_dir: Path, job_ids: list[str]) -> None:
+        data = ChainState(run_dir).read()
+        pid = data.get("runner_pid")
+        if _alive(pid):
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(100):
+                if not _alive(pid):
+                    break
+                time.sleep(0.1)
+
+
+class DebugExecutor(LocalExecutor):
+    """The chain in this process, in the foreground: each step's Python runs here (breakpoints work)."""
+
+    name = "debug"
+
+    def prepare(self, plan: Plan, run_dir: Path) -> list[Request]:
+        return [Request(s.name, s.after, f"in-process: sftjobs.steps {s.name} --run-dir {run_dir}") for s in plan.steps]
+
+    def submit(self, plan: Plan, run_dir: Path) -> dict[str, str]:
+        from sftjobs.steps.__main__ import main as step_main
+
+        state = ChainState(run_dir)
+        state.write(initial_state(plan, os.getpid()))
+        ChainRunner(plan, run_dir, lambda step, rd: step_main([step.name, "--run-dir", str(rd)])).run()
+        return {s.name: f"{os.getpid()}.{i}" for i, s in enumerate(plan.steps)}
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _runner_main(run_dir: Path) -> int:
+    """The detached runner: ``python -m sftjobs.executors.local RUN_DIR``."""
+    plan = Plan.from_dict(read_json(run_dir / "plan.json"))
+    state = ChainState(run_dir)
+    current: dict[str, int | None] = {"pid": None}
+
+    def on_term(signum, frame):  # sftjobs cancel: stop the running step's whole process group, then the rest
+        data = state.read()
+        for entry in data["steps"].values():
+            if entry["state"] in ("PENDING", "RUNNING"):
+                entry.update(state="CANCELLED", reason="cancelled by user", ended=time.time())
+        state.write(data)
+        if current["pid"]:
+            try:
+                os.killpg(current["pid"], signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        raise SystemExit(143)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+    def invoke(step: Step, rd: Path) -> int:
+        def started(pid: int) -> None:
+            current["pid"] = pid
+            state.update(step.name, pid=pid)
+        code = _run_script(step, rd, started)
+        current["pid"] = None
+        return code
+
+    return 0 if ChainRunner(plan, run_dir, invoke).run() else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(_runner_main(Path(sys.argv[1])))

@@ -1,0 +1,206 @@
+"""Slurm backend: one sbatch job per step through submitit, chained with --dependency=afterok."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import submitit
+from submitit.helpers import Checkpointable, DelayedSubmission
+
+from sftjobs.errors import SftjobsError
+from sftjobs.executors.base import Executor, Request, StepState
+from sftjobs.plan import Plan, Step
+
+SQUEUE_FORMAT = "%i|%j|%T|%r|%D|%N|%M|%l"
+SACCT_FIELDS = "JobID,JobName,State,ExitCode,Elapsed,NNodes,NodeList,Reason"
+# submitit sends USR2 this many seconds before the time limit so a training step can requeue itself.
+SIGNAL_DELAY_S = 120
+
+
+class StepCommand(Checkpointable):
+    """What a Slurm job runs: the step's launch script from the run directory, nothing else pickled.
+
+    Training steps are Checkpointable: on USR2 before the time limit (or a preemption) submitit requeues
+    the job, and the relaunched step resumes from the newest complete checkpoint.
+    """
+
+    def __init__(self, script: str, step: str, resumable: bool):
+        self.script = script
+        self.step = step
+        self.resumable = resumable
+
+    def __call__(self) -> str:
+        completed = subprocess.run(["bash", self.script], check=False)
+        if completed.returncode != 0:
+            raise RuntimeError(f"step {self.step} failed: {self.script} exited with {completed.returncode}")
+        return "ok"
+
+    def checkpoint(self) -> DelayedSubmission | None:  # type: ignore[override]
+        return DelayedSubmission(self) if self.resumable else None
+
+
+def slurm_minutes(value: str) -> int:
+    """Slurm's --time forms (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) -> whole minutes, rounded up."""
+    days, _, rest = value.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+    elif len(parts) == 3:
+        hours, minutes, seconds = parts
+    else:
+        hours, (minutes, seconds) = 0, (parts + [0])[:2]
+    total = (int(days or 0) * 24 + hours) * 60 + minutes + (1 if seconds else 0)
+    return max(total, 1)
+
+
+def sbatch_parameters(step: Step, parent_ids: list[str], job_name: str) -> dict:
+    res = step.resources
+    params: dict = dict(job_name=job_name, nodes=res.nodes, ntasks_per_node=1, cpus_per_task=res.cpus_per_task,
+                        stderr_to_stdout=True, signal_delay_s=SIGNAL_DELAY_S)
+    extra: dict = {}
+    if res.gpus_per_node:
+        params["gpus_per_node"] = res.gpus_per_node
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(res, key):
+            params[key] = getattr(res, key)
+    if res.time:
+        params["time"] = slurm_minutes(res.time)
+    if res.mem:
+        extra["mem"] = res.mem
+    if parent_ids:
+        extra["dependency"] = "afterok:" + ":".join(parent_ids)
+    for flag in res.sbatch_extra:
+        name, sep, value = flag.lstrip("-").partition("=")
+        extra[name.replace("-", "_")] = value if sep else True
+    if extra:
+        params["additional_parameters"] = extra
+    return params
+
+
+class SlurmExecutor(Executor):
+    name = "slurm"
+
+    def __init__(self, need_sbatch: bool = True):
+        if need_sbatch and shutil.which("sbatch") is None:
+            raise SftjobsError("the slurm executor needs sbatch on PATH; use --executor local on a machine without Slurm.")
+        # submitit's own wrapper runs with this python on the node (the same venv, on a shared filesystem);
+        # the step itself runs with the profile's launcher.python from the launch script.
+        self.python = sys.executable
+
+    def _executor(self, run_dir: Path, step: Step, parent_ids: list[str]) -> submitit.SlurmExecutor:
+        executor = submitit.SlurmExecutor(folder=run_dir / "slurm" / step.name, python=self.python)
+        try:
+            executor.update_parameters(**sbatch_parameters(step, parent_ids, f"sftjobs:{run_dir.name}:{step.name}"))
+        except ValueError as exc:
+            raise SftjobsError(f"step {step.name}: bad sbatch parameters from the profile's resources: {exc}") from None
+        return executor
+
+    def prepare(self, plan: Plan, run_dir: Path) -> list[Request]:
+        requests = []
+        for step in plan.steps:
+            placeholders = [f"{parent.upper()}_JOBID" for parent in step.after]
+            executor = self._executor(run_dir, step, placeholders)
+            text = executor._make_submission_file_text(executor._submitit_command_str, "preview")
+            requests.append(Request(step.name, step.after, text))
+        return requests
+
+    def submit(self, plan: Plan, run_dir: Path) -> dict[str, str]:
+        job_ids: dict[str, str] = {}
+        for step in plan.steps:
+            executor = self._executor(run_dir, step, [job_ids[p] for p in step.after])
+            command = StepCommand(str(run_dir / step.script), step.name, resumable=step.kind == "train")
+            try:
+                job = executor.submit(command)
+            except Exception as exc:  # sbatch refused (bad partition, account, limits, ...)
+                self.cancel(run_dir, list(job_ids.values()))
+                detail = str(exc).strip().splitlines()
+                why = next((line for line in detail if "sbatch: error" in line), detail[-1] if detail else repr(exc))
+                done = f"; cancelled the {len(job_ids)} job(s) already queued ({', '.join(job_ids.values())})" if job_ids else ""
+                raise SftjobsError(f"sbatch refused step {step.name}: {why.strip()}{done}. "
+                                   "Check resources.partition / account / qos / time in the profile.") from None
+            job_ids[step.name] = str(job.job_id)
+        return job_ids
+
+    def states(self, run_dir: Path, jobs: dict[str, str]) -> dict[str, StepState]:
+        snapshot = self.snapshot(list(jobs.values()))
+        return {step: snapshot[job_id] for step, job_id in jobs.items()}
+
+    @staticmethod
+    def snapshot(job_ids: list[str]) -> dict[str, StepState]:
+        """One squeue and one sacct call for any number of jobs (status over many runs stays fast)."""
+        found: dict[str, StepState] = {}
+        trouble = ""
+        try:
+            found.update(sacct_states(job_ids))
+        except (OSError, subprocess.SubprocessError) as exc:
+            trouble = f"sacct unavailable: {_first_line(exc)}"
+        try:
+            live = squeue_states()
+        except (OSError, subprocess.SubprocessError) as exc:
+            live = {}
+            trouble = f"slurmctld unreachable: {_first_line(exc)}"
+        wanted = set(job_ids)
+        for job_id, state in live.items():
+            if job_id in wanted:
+                state.restarts = found[job_id].restarts if job_id in found else 0
+                found[job_id] = state  # squeue knows the live reason (Dependency, DependencyNeverSatisfied, ...)
+        result = {}
+        for job_id in job_ids:
+            state = found.get(job_id) or StepState("UNKNOWN", reason=trouble or "not in squeue or sacct")
+            if trouble and not state.reason:
+                state.reason = trouble
+            result[job_id] = state
+        return result
+
+    def cancel(self, run_dir: Path, job_ids: list[str]) -> None:
+        if job_ids:
+            subprocess.run(["scancel", *job_ids], check=False, capture_output=True, timeout=60)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = getattr(exc, "stderr", None) or str(exc)
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    return (text.strip().splitlines() or [""])[0]
+
+
+def _run(cmd: list[str]) -> str:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=30).stdout
+
+
+def squeue_states() -> dict[str, StepState]:
+    """Every job slurmctld knows now (one call however many runs are tracked)."""
+    states = {}
+    for line in _run(["squeue", "-h", "-a", "-o", SQUEUE_FORMAT]).splitlines():
+        fields = line.split("|")
+        if len(fields) != 8:
+            continue
+        job_id, _name, state, reason, nodes, nodelist, elapsed, _limit = fields
+        states[job_id] = StepState(state, reason="" if reason == "None" else reason, elapsed=elapsed,
+                                   nodes=int(nodes) if nodes.isdigit() else None, nodelist=nodelist)
+    return states
+
+
+def sacct_states(job_ids: list[str]) -> dict[str, StepState]:
+    """sacct -D lists every requeued run of a job: the last row is the current one, the others restarts."""
+    if not job_ids:
+        return {}
+    out = _run(["sacct", "-X", "-D", "-n", "-P", "-o", SACCT_FIELDS, "-j", ",".join(job_ids)])
+    states: dict[str, StepState] = {}
+    for line in out.splitlines():
+        fields = line.split("|")
+        if len(fields) != 8:
+            continue
+        job_id, _name, state, exit_code, elapsed, nodes, nodelist, reason = fields
+        if not re.fullmatch(r"\d+", job_id):
+            continue
+        restarts = states[job_id].restarts + 1 if job_id in states else 0
+        states[job_id] = StepState(state, reason="" if reason == "None" else reason, elapsed=elapsed,
+                                   nodes=int(nodes) if nodes.isdigit() else None,
+                                   nodelist="" if nodelist == "None assigned" else nodelist,
+                                   exit_code=exit_code, restarts=restarts)
+    return states

@@ -1,0 +1,230 @@
+"""status / logs / cancel: read the manifests, ask the backends (squeue, sacct, PIDs) and the trainer's
+own files (trainer_log.jsonl, the sampler) - no process from the submit has to be alive."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sftjobs.errors import SftjobsError
+from sftjobs.executors.base import StepState
+from sftjobs.fsutil import read_json
+from sftjobs.plan import Plan
+from sftjobs.runs import read_manifest, write_manifest
+from sftjobs.steps.monitor import latest_sample
+
+COLUMNS = ("RUN", "STEP", "JOBID", "STATE", "TIME", "NODES", "NODELIST(REASON)", "PROGRESS", "LOSS", "ETA", "GPU")
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
+            "DEADLINE"}
+
+
+@dataclass
+class StepRow:
+    run: str
+    step: str
+    job_id: str
+    state: StepState
+    progress: dict[str, Any] = field(default_factory=dict)
+    monitor: dict[str, Any] | None = None
+
+    def cells(self) -> list[str]:
+        s = self.state
+        where = s.nodelist if s.state.startswith("RUNNING") or (s.nodelist and not s.reason) else f"({s.reason or 'None'})"
+        gpu = ""
+        if self.monitor and self.monitor.get("gpus"):
+            gpus = self.monitor["gpus"]
+            gpu = f"{sum(g['util'] for g in gpus) / len(gpus):.0f}% {max(g['mem_used_mib'] for g in gpus) / 1024:.1f}G"
+        p = self.progress
+        return [self.run, self.step, self.job_id, s.state + (f"[{s.restarts}]" if s.restarts else ""), s.elapsed or "0:00",
+                "" if s.nodes is None else str(s.nodes), where,
+                f"{p['current_steps']}/{p['total_steps']}" if p.get("total_steps") else "",
+                f"{p['loss']:.4f}" if isinstance(p.get("loss"), (int, float)) else "", p.get("remaining_time", ""), gpu]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run": self.run, "step": self.step, "job_id": self.job_id, **self.state.to_dict(),
+                "progress": self.progress, "monitor": self.monitor}
+
+
+def trainer_progress(output_dir: Path) -> dict[str, Any]:
+    """The last line of LLaMA-Factory's trainer_log.jsonl (step, total, loss, ETA), read from the end."""
+    path = output_dir / "trainer_log.jsonl"
+    try:
+        with open(path, "rb") as handle:
+            size = os.path.getsize(path)
+            handle.seek(max(0, size - 16384))
+            lines = handle.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return {}
+    for line in reversed(lines):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if "current_steps" in entry:
+            if entry.get("loss") is None:  # the final summary line has no loss: keep the last logged one
+                for older in reversed(lines[:-1]):
+                    try:
+                        value = json.loads(older).get("loss")
+                    except ValueError:
+                        continue
+                    if value is not None:
+                        entry["loss"] = value
+                        break
+            return entry
+    return {}
+
+
+def step_marker(run_dir: Path, step: str) -> dict[str, Any] | None:
+    try:
+        return read_json(run_dir / "reports" / "status" / f"{step}.json")
+    except (OSError, ValueError):
+        return None
+
+
+def run_states(run_dir: Path, manifest: dict[str, Any], slurm_snapshot: dict[str, StepState] | None) -> dict[str, StepState]:
+    from sftjobs.submit import executor_for_manifest
+
+    jobs = manifest.get("jobs", {})
+    if manifest.get("final_states"):
+        return {k: StepState(**v) for k, v in manifest["final_states"].items()}
+    if manifest["executor"] == "slurm" and slurm_snapshot is not None:
+        states = {step: slurm_snapshot.get(job_id, StepState("UNKNOWN")) for step, job_id in jobs.items()}
+    else:
+        states = executor_for_manifest(manifest).states(run_dir, jobs)
+    for step, state in states.items():
+        if state.state == "UNKNOWN":  # neither squeue nor sacct knows: the step's own record does
+            marker = step_marker(run_dir, step)
+            if marker and marker.get("state") in ("COMPLETED", "FAILED"):
+                state.state = marker["state"]
+                state.reason = state.reason or "from the step's own record"
+                state.exit_code = str(marker.get("exit_code", ""))
+    return states
+
+
+def mend_broken_chain(run_dir: Path, manifest: dict[str, Any], states: dict[str, StepState]) -> str | None:
+    """A step that failed leaves its dependants PENDING (DependencyNeverSatisfied) on clusters without
+    kill_invalid_depend: cancel them and say which step broke the chain and why."""
+    plan = Plan.from_dict(read_json(run_dir / "plan.json"))
+    failed = [s.name for s in plan.steps if s.name in states and states[s.name].state.split()[0] in TERMINAL
+              and states[s.name].state != "COMPLETED"]
+    if not failed:
+        return None
+    first = failed[0]
+    victims = [name for name in plan.dependants(first) if name in states and states[name].live]
+    if victims and manifest.get("executor") == "slurm":
+        from sftjobs.executors.slurm import SlurmExecutor
+
+        SlurmExecutor(need_sbatch=False).cancel(run_dir, [manifest["jobs"][v] for v in victims])
+        for victim in victims:
+            states[victim].state = "CANCELLED"
+            states[victim].reason = f"DependencyNeverSatisfied: {first} {states[first].state}"
+        manifest.setdefault("history", []).append({"time": time.time(), "event": "chain_broken", "step": first,
+                                                   "cancelled": victims})
+        write_manifest(run_dir, manifest)
+    s = states[first]
+    marker = step_marker(run_dir, first) or {}
+    why = marker.get("message") or last_log_lines(run_dir, manifest, first, 3)
+    code = f", exit code {s.exit_code}" if s.exit_code else ""
+    return f"chain broken at step {first}: {s.state}{code}: {why}".strip()
+
+
+def collect(run_dirs: list[Path]) -> tuple[list[StepRow], list[str]]:
+    """Rows for every step of these runs, and notes (broken chains, controller trouble)."""
+    manifests = []
+    for run_dir in run_dirs:
+        try:
+            manifests.append((run_dir, read_manifest(run_dir)))
+        except SftjobsError as exc:
+            manifests.append((run_dir, {"error": str(exc)}))
+    snapshot = None
+    slurm_ids = [j for _, m in manifests if m.get("executor") == "slurm" and not m.get("final_states")
+                 for j in m.get("jobs", {}).values()]
+    if slurm_ids:
+        from sftjobs.executors.slurm import SlurmExecutor
+
+        snapshot = SlurmExecutor.snapshot(slurm_ids)
+    rows: list[StepRow] = []
+    notes: list[str] = []
+    for run_dir, manifest in manifests:
+        if "error" in manifest:
+            notes.append(manifest["error"])
+            continue
+        states = run_states(run_dir, manifest, snapshot)
+        broken = mend_broken_chain(run_dir, manifest, states)
+        if broken:
+            notes.append(f"{manifest['run_id']}: {broken}")
+        troubles = {s.reason for s in states.values() if "unreachable" in s.reason or "unavailable" in s.reason}
+        notes += [f"{manifest['run_id']}: {t}" for t in sorted(troubles)]
+        plan = read_json(run_dir / "plan.json")
+        for step in plan["steps"]:
+            name = step["name"]
+            if name not in states:
+                continue
+            row = StepRow(manifest["run_id"], name, manifest["jobs"].get(name, ""), states[name])
+            if step["kind"] == "train":
+                output = plan["paths"]["dry_run_output_dir"] if step["target"] == "dry_run" else plan["paths"]["output_dir"]
+                row.progress = trainer_progress(Path(output))
+                row.monitor = latest_sample(run_dir, name)
+            rows.append(row)
+        if states and all(s.state.split()[0] in TERMINAL for s in states.values()) and not manifest.get("final_states"):
+            manifest["final_states"] = {k: v.to_dict() for k, v in states.items()}  # no need to ask Slurm again
+            write_manifest(run_dir, manifest)
+    return rows, notes
+
+
+def format_table(rows: list[StepRow]) -> str:
+    cells = [list(COLUMNS)] + [r.cells() for r in rows]
+    keep = [i for i in range(len(COLUMNS)) if i < 7 or any(row[i] for row in cells[1:])]
+    widths = [max(len(row[i]) for row in cells) for i in keep]
+    return "\n".join("  ".join(row[i].ljust(w) for i, w in zip(keep, widths, strict=False)).rstrip() for row in cells)
+
+
+# ----------------------------------------------------------------------------- logs
+
+
+def log_path(run_dir: Path, manifest: dict[str, Any], step: str) -> Path:
+    if manifest["executor"] == "slurm":
+        job_id = manifest["jobs"].get(step)
+        return run_dir / "slurm" / step / f"{job_id}_0_log.out"
+    return run_dir / "logs" / f"{step}.log"
+
+
+def last_log_lines(run_dir: Path, manifest: dict[str, Any], step: str, count: int) -> str:
+    path = log_path(run_dir, manifest, step)
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return f"(no log at {path})"
+    return " | ".join(lines[-count:])
+
+
+def default_log_step(run_dir: Path, manifest: dict[str, Any]) -> str:
+    """The step a user most likely wants: the first failed one, else the last one that started."""
+    rows, _ = collect([run_dir])
+    for row in rows:
+        if row.state.state.split()[0] in TERMINAL - {"COMPLETED"}:
+            return row.step
+    started = [r.step for r in rows if r.state.state.split()[0] != "PENDING"]
+    return started[-1] if started else rows[0].step
+
+
+def follow(path: Path, still_running) -> Iterator[str]:
+    """tail -f until the step stops running."""
+    position = 0
+    while True:
+        done = not still_running()  # decided before the read, so the last lines are never missed
+        if path.exists():
+            with open(path, errors="replace") as handle:
+                handle.seek(position)
+                chunk = handle.read()
+                position = handle.tell()
+            if chunk:
+                yield chunk
+        if done:
+            break
+        time.sleep(1.0)

@@ -1,0 +1,25 @@
+"""The model step on its node: download (hub), check a local path, or make the demo's tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sftjobs.steps.context import StepContext
+from sftjobs.steps.model import check_model_dir, fetch_model
+
+
+def run(ctx: StepContext) -> None:
+    model = ctx.profile["model"]
+    model_dir = Path(ctx.paths["model_dir"])
+    if model["source"] == "synthetic":
+        from sftjobs.demo_assets import make_demo_model, make_synthetic_arpo
+
+        corpus = Path(ctx.paths["data_dir"]) / "source" / "tokenizer_corpus.jsonl"
+        if not corpus.exists():
+            make_synthetic_arpo(corpus, 400, seed=1)
+        make_demo_model(model_dir, corpus, log=ctx.log)
+    elif model["source"] == "path":
+        fetch_model(hub_id=None, local_dir=None, path=model_dir, log=ctx.log)
+    else:
+        fetch_model(hub_id=model["hub_id"], local_dir=model_dir, path=None, revision=model["revision"], log=ctx.log)
+    ctx.write_report({"model_dir": str(model_dir), **check_model_dir(model_dir, hub=model["source"] == "hub")})

@@ -1,0 +1,57 @@
+"""Helpers for tests against the real Slurm test cluster (tests/slurm/start-slurm.sh)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+FAKE_PYTHON = HERE / "slurm" / "fake_step_python.sh"
+# Fit the test cluster's nodes (8 CPUs, 8000 MB, 8 fake GPUs each).
+SMALL = ["resources.cpus_per_task=2", "resources.mem=500M", "resources.cpu_step_cpus=1",
+         "resources.cpu_step_mem=300M", "resources.time=00:10:00", "resources.cpu_step_time=00:10:00"]
+
+
+def slurm_ready() -> bool:
+    if shutil.which("sbatch") is None:
+        return False
+    result = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
+    return result.returncode == 0 and any(s in result.stdout for s in ("idle", "mix", "alloc"))
+
+
+@pytest.fixture
+def slurm():
+    """The real test cluster; CI sets SFTJOBS_REQUIRE_SLURM=1 so a cluster that did not start fails, not skips."""
+    if not slurm_ready():
+        if os.environ.get("SFTJOBS_REQUIRE_SLURM") == "1":
+            pytest.fail("the Slurm test cluster is not running (tests/slurm/start-slurm.sh)")
+        pytest.skip("the Slurm test cluster is not running (tests/slurm/start-slurm.sh)")
+
+
+def scontrol_job(job_id: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, check=True).stdout
+    fields = {}
+    for token in out.split():
+        key, _, value = token.partition("=")
+        fields[key] = value
+    return fields
+
+
+def sacct_field(job_id: str, field: str) -> str:
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", field, "-j", job_id], capture_output=True, text=True).stdout
+    return out.strip().splitlines()[-1] if out.strip() else ""
+
+
+def wait_until(predicate, timeout: float, interval: float = 1.0, what: str = "condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
