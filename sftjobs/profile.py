@@ -58,6 +58,22 @@ def _mem(v: Any) -> str | None:
     return None if v is None or _MEM_RE.match(str(v)) else "must be a Slurm memory size like 64G or 16000M"
 
 
+# Values that become #SBATCH lines: sbatch reads those line by line, so a newline or quote would end the
+# directive early and leave the rest to the shell. Slurm names never need them.
+_SBATCH_TOKEN = re.compile(r"^[A-Za-z0-9_.,:=+@%/\[\]&|!*-]+$")
+
+
+def _sbatch_token(v: Any) -> str | None:
+    return None if v is None or _SBATCH_TOKEN.match(str(v)) else "may hold only letters, digits and _.,:=+@%/[]&|!*- (no spaces, quotes or newlines)"
+
+
+def _sbatch_flags(v: Any) -> str | None:
+    for flag in v:
+        if not isinstance(flag, str) or not flag.startswith("--") or not _SBATCH_TOKEN.match(flag):
+            return f"must be a list of --flag or --flag=value strings without spaces, quotes or newlines ({flag!r})"
+    return None
+
+
 def _fraction(v: Any) -> str | None:
     return None if 0.0 <= v <= 1.0 else "must be between 0 and 1"
 
@@ -86,17 +102,17 @@ SCHEMA: dict[str, Key] = {
     "data.max_bad_fraction": Key((int, float), 0.001, _fraction),
     "dry_run.max_samples": Key(int, 1000, _at_least(1)),
     "resources.executor": Key(str, "auto", _choice(EXECUTOR_CHOICES)),
-    "resources.partition": Key(OPT_STR, None),
-    "resources.account": Key(OPT_STR, None),
-    "resources.qos": Key(OPT_STR, None),
-    "resources.constraint": Key(OPT_STR, None),
+    "resources.partition": Key(OPT_STR, None, _sbatch_token),
+    "resources.account": Key(OPT_STR, None, _sbatch_token),
+    "resources.qos": Key(OPT_STR, None, _sbatch_token),
+    "resources.constraint": Key(OPT_STR, None, _sbatch_token),
     "resources.nodes": Key(int, 1, _at_least(1)),
     "resources.gpus_per_node": Key(int, 1, _at_least(0)),
     "resources.max_gpus_per_node": Key(int, 8, _at_least(1), "GPUs one node of the cluster has"),
     "resources.cpus_per_task": Key(int, 8, _at_least(1)),
     "resources.mem": Key(OPT_STR, "64G", _mem),
     "resources.time": Key((str, int, type(None)), "24:00:00", _time),
-    "resources.sbatch_extra": Key(list, []),
+    "resources.sbatch_extra": Key(list, [], _sbatch_flags),
     "resources.cpu_step_cpus": Key(int, 4, _at_least(1), "CPUs for the data and model steps"),
     "resources.cpu_step_mem": Key(OPT_STR, "16G", _mem),
     "resources.cpu_step_time": Key((str, int, type(None)), "04:00:00", _time),

@@ -21,3 +21,14 @@ def run_cli(*args, cwd=None, env=None, timeout=120):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "sftjobs", *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+@pytest.fixture
+def slurm():
+    """The real test cluster; CI sets SFTJOBS_REQUIRE_SLURM=1 so a cluster that did not start fails, not skips."""
+    from tests.slurm_helpers import slurm_ready
+
+    if not slurm_ready():
+        if os.environ.get("SFTJOBS_REQUIRE_SLURM") == "1":
+            pytest.fail("the Slurm test cluster is not running (tests/slurm/start-slurm.sh)")
+        pytest.skip("the Slurm test cluster is not running (tests/slurm/start-slurm.sh)")

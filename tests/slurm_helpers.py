@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import time
 from pathlib import Path
-
-import pytest
 
 HERE = Path(__file__).parent
 FAKE_PYTHON = HERE / "slurm" / "fake_step_python.sh"
@@ -22,15 +19,6 @@ def slurm_ready() -> bool:
         return False
     result = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
     return result.returncode == 0 and any(s in result.stdout for s in ("idle", "mix", "alloc"))
-
-
-@pytest.fixture
-def slurm():
-    """The real test cluster; CI sets SFTJOBS_REQUIRE_SLURM=1 so a cluster that did not start fails, not skips."""
-    if not slurm_ready():
-        if os.environ.get("SFTJOBS_REQUIRE_SLURM") == "1":
-            pytest.fail("the Slurm test cluster is not running (tests/slurm/start-slurm.sh)")
-        pytest.skip("the Slurm test cluster is not running (tests/slurm/start-slurm.sh)")
 
 
 def scontrol_job(job_id: str) -> dict[str, str]:

@@ -12,7 +12,7 @@ import pytest
 
 from sftjobs.cli import main
 from sftjobs.runs import read_manifest
-from tests.slurm_helpers import FAKE_PYTHON, SMALL, sacct_field, scontrol_job, slurm, wait_until  # noqa: F401
+from tests.slurm_helpers import FAKE_PYTHON, SMALL, sacct_field, scontrol_job, wait_until
 
 pytestmark = pytest.mark.slurm
 
