@@ -276,6 +276,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         raise SftjobsError(f"--set {text!r} must look like key=value, e.g. --set train.cutoff_len=2048.")
+    if "\n" in raw or "\r" in raw:
+        return key, raw  # YAML would fold the lines or drop a "#..." part: keep multi-line text verbatim
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
