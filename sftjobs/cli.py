@@ -160,6 +160,23 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resume(args: argparse.Namespace) -> int:
+    from sftjobs.runs import find_run
+    from sftjobs.submit import resume
+
+    run_dir = find_run(args.run)
+    manifest, resubmitted = resume(run_dir)
+    if not resubmitted:
+        print(f"run {manifest['run_id']}: every step completed; nothing to resume")
+        return 0
+    print(f"run {manifest['run_id']}: resubmitted {', '.join(resubmitted)} ({manifest['executor']})")
+    for step in resubmitted:
+        print(f"  {step:<17} job {manifest['jobs'][step]}")
+    if args.wait:
+        return wait_for_run(run_dir, 5.0)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sftjobs", description="LLaMA-Factory SFT job chains on Slurm or this machine.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -195,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cancel", help="cancel every live job of a run")
     p.add_argument("run", metavar="RUN")
     p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("resume", help="resubmit the steps of a run that did not complete (training resumes)")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--wait", action="store_true", help="block until the chain ends")
+    p.set_defaults(func=cmd_resume)
     return parser
 
 

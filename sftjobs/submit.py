@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import time
@@ -100,7 +101,40 @@ def preview(p: Prepared) -> str:
     return "\n".join(lines) + "\n" + p.executor.preview(p.plan, p.run_dir)
 
 
+def live_runs_using(output_dir: str) -> list[str]:
+    """Other runs whose live steps write into this output_dir (two trainers there would clobber checkpoints)."""
+    from sftjobs.runs import list_runs
+    from sftjobs.status import collect
+
+    candidates = []
+    for run in list_runs():
+        try:
+            manifest = read_manifest(run)
+        except SftjobsError:
+            continue
+        paths = read_json_quiet(run / "plan.json").get("paths", {})
+        if not manifest.get("final_states") and output_dir in (paths.get("output_dir"), paths.get("dry_run_output_dir")):
+            candidates.append(run)
+    if not candidates:
+        return []
+    rows, _ = collect(candidates)
+    return sorted({r.run for r in rows if r.state.live})
+
+
+def read_json_quiet(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def submit(p: Prepared) -> dict:
+    output_dir = json.loads(p.files["plan.json"])["paths"]["output_dir"]
+    busy = live_runs_using(output_dir)
+    if busy:
+        raise SftjobsError(f"run {busy[0]} is still running into {output_dir}; a second run there would clobber its "
+                           f"checkpoints. Wait for it, `sftjobs cancel {busy[0]}`, or `sftjobs resume {busy[0]}` after it "
+                           "stops; or set another output_dir.")
     write_run_dir(p.files, p.run_dir)
     manifest = {
         "run_id": p.run_id, "profile": p.profile.name, "profile_source": p.profile.source,
@@ -126,3 +160,39 @@ def record_event(run_dir: Path, event: str, **fields) -> None:
     manifest = read_manifest(run_dir)
     manifest.setdefault("history", []).append({"time": time.time(), "event": event, **fields})
     write_manifest(run_dir, manifest)
+
+
+def resume(run_dir: Path) -> tuple[dict, list[str]]:
+    """Resubmit the steps of a run that did not complete; completed steps stay done, training resumes
+    from the newest complete checkpoint."""
+    from sftjobs.plan import Step
+    from sftjobs.status import collect
+
+    manifest = read_manifest(run_dir)
+    rows, _ = collect([run_dir])
+    live = [r.step for r in rows if r.state.live]
+    if live:
+        raise SftjobsError(f"run {manifest['run_id']} still has live steps ({', '.join(live)}); "
+                           f"wait for them or `sftjobs cancel {manifest['run_id']}` first.")
+    done = {r.step for r in rows if r.state.state == "COMPLETED"}
+    plan = Plan.from_dict(json.loads((run_dir / "plan.json").read_text()))
+    todo = Plan(plan.profile, plan.dry_run_first,
+                [Step(s.name, s.kind, [p for p in s.after if p not in done], s.resources, s.script, s.target)
+                 for s in plan.steps if s.name not in done])
+    if not todo.steps:
+        return manifest, []
+    backend = executor_for_manifest(manifest)
+    if manifest["executor"] == "slurm":
+        from sftjobs.executors.slurm import SlurmExecutor
+
+        backend = SlurmExecutor()
+    for name in (s.name for s in todo.steps):  # the steps' own records of the earlier attempt
+        (run_dir / "reports" / "status" / f"{name}.json").unlink(missing_ok=True)
+    new_jobs = backend.submit(todo, run_dir)
+    manifest.setdefault("history", []).append({"time": time.time(), "event": "resume",
+                                               "previous_jobs": dict(manifest["jobs"]), "resubmitted": list(new_jobs)})
+    manifest["jobs"] = {s.name: new_jobs.get(s.name, manifest["jobs"].get(s.name)) for s in plan.steps}
+    manifest.pop("final_states", None)
+    manifest["state"] = "submitted"
+    write_manifest(run_dir, manifest)
+    return manifest, list(new_jobs)

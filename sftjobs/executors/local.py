@@ -68,7 +68,7 @@ class ChainRunner:
             steps = self.state.read()["steps"]
             if steps[step.name]["state"] != "PENDING":
                 continue  # cancelled meanwhile
-            broken = [p for p in step.after if steps[p]["state"] != "COMPLETED"]
+            broken = [p for p in step.after if p in steps and steps[p]["state"] != "COMPLETED"]
             if broken:
                 self.state.update(step.name, state="CANCELLED", ended=time.time(),
                                   reason=f"DependencyNeverSatisfied ({broken[0]} {steps[broken[0]]['state']})")
@@ -94,10 +94,16 @@ def _run_script(step: Step, run_dir: Path, on_start: Callable[[int], None] | Non
         return process.wait()
 
 
-def initial_state(plan: Plan, runner_pid: int | None) -> dict:
-    return {"runner_pid": runner_pid, "submitted": time.time(),
-            "steps": {s.name: {"state": "PENDING", "reason": "Dependency" if s.after else "None", "pid": None,
-                               "started": None, "ended": None, "exit_code": ""} for s in plan.steps}}
+def initial_state(plan: Plan, runner_pid: int | None, keep_from: Path | None = None) -> dict:
+    """Every step of ``plan`` PENDING; on a resume, the steps that completed before keep their record."""
+    steps = {}
+    if keep_from is not None and keep_from.exists():
+        steps = {name: entry for name, entry in read_json(keep_from)["steps"].items()
+                 if entry["state"] == "COMPLETED" and name not in {s.name for s in plan.steps}}
+    for s in plan.steps:
+        steps[s.name] = {"state": "PENDING", "reason": "Dependency" if s.after else "None", "pid": None,
+                         "started": None, "ended": None, "exit_code": ""}
+    return {"runner_pid": runner_pid, "submitted": time.time(), "steps": steps}
 
 
 class LocalExecutor(Executor):
@@ -109,7 +115,7 @@ class LocalExecutor(Executor):
 
     def submit(self, plan: Plan, run_dir: Path) -> dict[str, str]:
         state = ChainState(run_dir)
-        state.write(initial_state(plan, None))
+        state.write(initial_state(plan, None, keep_from=state.path))
         log = run_dir / "local" / "runner.log"
         with open(log, "ab") as handle:
             runner = subprocess.Popen([sys.executable, "-m", "sftjobs.executors.local", str(run_dir)],

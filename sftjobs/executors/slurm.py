@@ -108,7 +108,21 @@ class SlurmExecutor(Executor):
             requests.append(Request(step.name, step.after, text))
         return requests
 
+    def check_time_limits(self, plan: Plan) -> None:
+        """A --time over the partition's MaxTime would sit PENDING (PartitionTimeLimit) forever: say so now."""
+        limits = partition_time_limits()
+        for step in plan.steps:
+            if not step.resources.time:
+                continue
+            partition = step.resources.partition or limits.get("*default*", ("", None))[0]
+            name, max_minutes = limits.get(partition, (partition, None))
+            if max_minutes is not None and slurm_minutes(step.resources.time) > max_minutes:
+                raise SftjobsError(f"step {step.name} asks for --time={step.resources.time} but partition {name} allows at "
+                                   f"most {max_minutes} minutes (MaxTime). Lower resources.time (or cpu_step_time), or "
+                                   "choose another resources.partition.")
+
     def submit(self, plan: Plan, run_dir: Path) -> dict[str, str]:
+        self.check_time_limits(plan)
         job_ids: dict[str, str] = {}
         for step in plan.steps:
             executor = self._executor(run_dir, step, [job_ids[p] for p in step.after])
@@ -204,3 +218,21 @@ def sacct_states(job_ids: list[str]) -> dict[str, StepState]:
                                    nodelist="" if nodelist == "None assigned" else nodelist,
                                    exit_code=exit_code, restarts=restarts)
     return states
+
+
+def partition_time_limits() -> dict[str, tuple[str, int | None]]:
+    """partition -> (name, MaxTime in minutes or None for infinite); "*default*" names the default one."""
+    try:
+        out = _run(["sinfo", "-h", "-o", "%P|%l"])
+    except (OSError, subprocess.SubprocessError):
+        return {}  # the controller will judge; nothing to check against
+    limits: dict[str, tuple[str, int | None]] = {}
+    for line in out.splitlines():
+        name, _, limit = line.strip().partition("|")
+        default = name.endswith("*")
+        name = name.rstrip("*")
+        minutes = None if limit in ("infinite", "n/a", "") else slurm_minutes(limit)
+        limits[name] = (name, minutes)
+        if default:
+            limits["*default*"] = (name, minutes)
+    return limits

@@ -32,6 +32,7 @@ from typing import Any, BinaryIO, Literal
 
 from sftjobs.errors import SftjobsError
 from sftjobs.fsutil import atomic_write_json
+from sftjobs.steps.model import env_token
 
 Shape = Literal["sharegpt", "alpaca"]
 SHAPES: tuple[str, ...] = ("sharegpt", "alpaca")
@@ -63,7 +64,7 @@ Log = Callable[[str], None]
 def download_data_file(repo_id: str, filename: str, local_dir: Path, revision: str | None = None) -> Path:
     """Download one file of a Hugging Face *dataset* repo into ``local_dir`` and return its path.
 
-    The token comes from the environment (``HF_TOKEN``) through huggingface_hub itself; sftjobs never
+    The token is ``HF_TOKEN`` from the environment only (``env_token``); sftjobs never
     takes it as an argument, so it cannot end up in a rendered file or a log. ``HF_HUB_OFFLINE=1`` and
     ``HF_ENDPOINT`` are honoured by huggingface_hub.
     """
@@ -82,6 +83,7 @@ def download_data_file(repo_id: str, filename: str, local_dir: Path, revision: s
             repo_type="dataset",
             revision=revision,
             local_dir=local_dir,
+            token=env_token(),
         )
     except hf_errors.GatedRepoError as exc:
         raise SftjobsError(

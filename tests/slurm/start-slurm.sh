@@ -178,6 +178,7 @@ DefMemPerCPU=$((MEM_MB / CPUS))
 $GRESLINE
 NodeName=$NODELIST NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$PORTS CPUs=$CPUS RealMemory=$MEM_MB$NODEGRES State=UNKNOWN
 PartitionName=$PARTITION Nodes=$NODELIST Default=YES MaxTime=INFINITE State=UP
+PartitionName=short Nodes=$NODELIST Default=NO MaxTime=00:10:00 State=UP
 EOF
 
 put /etc/slurm/slurmdbd.conf 0600 slurm <<EOF
