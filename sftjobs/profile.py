@@ -89,6 +89,8 @@ SCHEMA: dict[str, Key] = {
     "model.revision": Key(OPT_STR, None),
     "model.local_dir": Key(OPT_STR, None),
     "model.path": Key(OPT_STR, None),
+    "model.synthetic_shape": Key(str, "tiny", _choice(("tiny", "qwen2.5-0.5b", "qwen2.5-3b")),
+                                 "model.source synthetic: a tiny model, or random weights of a real shape (GPU benchmarks)"),
     "data.source": Key(str, "hub", _choice(SOURCE_CHOICES)),
     "data.hub_repo": Key(OPT_STR, None),
     "data.hub_file": Key(OPT_STR, None),
