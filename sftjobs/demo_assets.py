@@ -200,6 +200,108 @@ def make_tokenizer(out_dir: str | os.PathLike, corpus_texts: Iterable[str], voca
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
+# Random-init model shapes. "tiny" is the CPU demo's model (vocab = the tokenizer's); the others have the real
+# dimensions of Qwen2.5-*-Instruct (random weights: speed and memory are meaningful, loss values are not), so a
+# GPU run measures what the real model would cost without the hub. Source: the models' config.json on the hub.
+SYNTHETIC_SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": {"hidden": 64, "intermediate": 128, "layers": 2, "heads": 4, "kv_heads": 2, "vocab": None,
+             "max_positions": 4096, "dtype": "float32"},
+    "qwen2.5-0.5b": {"hidden": 896, "intermediate": 4864, "layers": 24, "heads": 14, "kv_heads": 2, "vocab": 151936,
+                     "max_positions": 32768, "dtype": "bfloat16"},
+    "qwen2.5-3b": {"hidden": 2048, "intermediate": 11008, "layers": 36, "heads": 16, "kv_heads": 2, "vocab": 151936,
+                   "max_positions": 32768, "dtype": "bfloat16"},
+}
+# Real shapes get a larger tokenizer (fewer tokens per word, closer to Qwen's ~4 characters a token).
+REAL_SHAPE_TOKENIZER_VOCAB = 8192
+
+
+def synthetic_shape(name: str) -> dict[str, Any]:
+    if name not in SYNTHETIC_SHAPES:
+        raise SftjobsError(f"unknown synthetic model shape {name!r}; choose one of {', '.join(SYNTHETIC_SHAPES)}")
+    return SYNTHETIC_SHAPES[name]
+
+
+def qwen2_config(shape: str, tokenizer) -> Any:
+    """The Qwen2Config of a synthetic shape; vocab = the shape's (>= the tokenizer's) or the tokenizer's size."""
+    from transformers import Qwen2Config
+
+    dims = synthetic_shape(shape)
+    vocab = dims["vocab"] or len(tokenizer)
+    if vocab < len(tokenizer):
+        raise SftjobsError(f"the tokenizer has {len(tokenizer)} entries, more than the {shape} shape's vocab {vocab}")
+    return Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=dims["hidden"],
+        intermediate_size=dims["intermediate"],
+        num_hidden_layers=dims["layers"],
+        num_attention_heads=dims["heads"],
+        num_key_value_heads=dims["kv_heads"],
+        max_position_embeddings=dims["max_positions"],
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        use_sliding_window=False,
+        hidden_act="silu",
+        attention_dropout=0.0,
+        initializer_range=0.02,
+        bos_token_id=None,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+    )
+
+
+def shape_mismatch(model_dir: str | os.PathLike, shape: str) -> str | None:
+    """None when model_dir/config.json has the shape's dimensions, else what differs (for real shapes only)."""
+    dims = synthetic_shape(shape)
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "no readable config.json"
+    want = {"hidden_size": dims["hidden"], "intermediate_size": dims["intermediate"],
+            "num_hidden_layers": dims["layers"], "num_attention_heads": dims["heads"],
+            "num_key_value_heads": dims["kv_heads"]}
+    if dims["vocab"]:
+        want["vocab_size"] = dims["vocab"]
+    diff = [f"{k} {cfg.get(k)} (want {v})" for k, v in want.items() if cfg.get(k) != v]
+    return ", ".join(diff) or None
+
+
+def make_random_qwen2(
+    out_dir: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike,
+    shape: str = "tiny",
+    seed: int = 0,
+    device: str | None = None,
+) -> Path:
+    """A random-init Qwen2ForCausalLM of ``shape`` (tied embeddings, safetensors) with its tokenizer beside it.
+
+    tiny is saved in fp32 and built on the CPU (same arguments and seed, same bytes); the real shapes are saved
+    in bf16, like the hub's checkpoints, and built on the GPU when one is visible (a 3B init takes ~1 s there,
+    ~1 min on a CPU; the random numbers then differ between the two, which does not matter for random weights).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir, tokenizer_dir = Path(out_dir), Path(tokenizer_dir)
+    dims = synthetic_shape(shape)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    cfg = qwen2_config(shape, tokenizer)
+    dtype = getattr(torch, dims["dtype"])
+    if device is None:
+        device = "cuda" if shape != "tiny" and torch.cuda.is_available() else "cpu"
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    del model
+    if tokenizer_dir.resolve() != out_dir.resolve():
+        for name in TOKENIZER_FILES:
+            if (tokenizer_dir / name).is_file():
+                shutil.copyfile(tokenizer_dir / name, out_dir / name)
+    return out_dir
+
+
 def make_tiny_qwen2(
     out_dir: str | os.PathLike,
     tokenizer_dir: str | os.PathLike,
@@ -254,36 +356,58 @@ def make_demo_model(
     data_texts_or_path: Iterable[str] | str | os.PathLike,
     seed: int = 0,
     log=print,
+    shape: str = "tiny",
 ) -> Path:
-    """Tokenizer + tiny model in ``local_dir``; does nothing when ``local_dir`` already passes the check.
+    """Tokenizer + random model of ``shape`` in ``local_dir``; does nothing when ``local_dir`` already passes the check.
 
-    ``data_texts_or_path`` is the tokenizer corpus: a JSONL file (sharegpt or alpaca) or strings.
-    Built in a temp folder beside ``local_dir`` and moved in file by file, so an interrupted run
-    leaves either the old files or the new ones.
+    ``data_texts_or_path`` is the tokenizer corpus: a JSONL file (sharegpt or alpaca) or strings. A tokenizer
+    already in ``local_dir`` without a loadable model (tokenizer.json and tokenizer_config.json) is used as it
+    is, so a benchmark can bring its own tokenizer and have the weights made around it. A complete model of
+    another real shape is an error, never overwritten. Built in a temp folder beside ``local_dir`` and moved in
+    file by file, so an interrupted run leaves either the old files or the new ones.
     """
     from sftjobs.steps.model import check_model_dir
 
+    dims = synthetic_shape(shape)
     local_dir = Path(local_dir)
     try:
         summary = check_model_dir(local_dir)
     except SftjobsError:
         pass
     else:
-        log(f"demo model already in {local_dir} ({summary['model_type']}, {summary['n_params']} params); kept")
+        mismatch = shape_mismatch(local_dir, shape) if dims["vocab"] else None
+        if mismatch:
+            raise SftjobsError(
+                f"{local_dir} already holds a model that is not of the {shape} shape ({mismatch}); point "
+                f"model.local_dir at another folder, or delete this one to have it made again"
+            )
+        log(f"{shape} model already in {local_dir} ({summary['model_type']}, {summary['n_params']} params); kept")
         return local_dir
 
-    if isinstance(data_texts_or_path, (str, os.PathLike)):
-        texts = texts_from_jsonl(data_texts_or_path)
-    else:
-        texts = list(data_texts_or_path)
-    if not texts:
-        raise SftjobsError(f"make_demo_model: the tokenizer corpus for {local_dir} is empty; give it the demo data")
+    own_tokenizer = all((local_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    texts: list[str] = []
+    if not own_tokenizer:
+        if isinstance(data_texts_or_path, (str, os.PathLike)):
+            texts = texts_from_jsonl(data_texts_or_path)
+        else:
+            texts = list(data_texts_or_path)
+        if not texts:
+            raise SftjobsError(f"make_demo_model: the tokenizer corpus for {local_dir} is empty; give it the demo data")
 
     local_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{local_dir.name}.", dir=local_dir.parent))
     try:
-        make_tokenizer(tmp, texts)
-        make_tiny_qwen2(tmp, tmp, seed=seed)
+        if own_tokenizer:
+            for name in TOKENIZER_FILES:
+                if (local_dir / name).is_file():
+                    shutil.copyfile(local_dir / name, tmp / name)
+            log(f"using the tokenizer already in {local_dir}")
+        else:
+            make_tokenizer(tmp, texts, vocab_size=REAL_SHAPE_TOKENIZER_VOCAB if dims["vocab"] else 1500)
+        if shape == "tiny":
+            make_tiny_qwen2(tmp, tmp, seed=seed)
+        else:
+            make_random_qwen2(tmp, tmp, shape=shape, seed=seed)
         local_dir.mkdir(parents=True, exist_ok=True)
         for item in sorted(tmp.iterdir()):
             os.chmod(item, 0o644)  # some writers create 0600 files; jobs may run as another user
@@ -291,5 +415,5 @@ def make_demo_model(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     summary = check_model_dir(local_dir)
-    log(f"demo model made in {local_dir} ({summary['n_params']} params, {summary['total_bytes']} bytes)")
+    log(f"{shape} model made in {local_dir} ({summary['n_params']} params, {summary['total_bytes']} bytes)")
     return local_dir

@@ -22,6 +22,7 @@ class Resources:
     qos: str | None = None
     constraint: str | None = None
     sbatch_extra: list[str] = field(default_factory=list)
+    signal_delay_s: int = 120  # USR2 this long before the time limit: a training step requeues itself
 
 
 @dataclass
@@ -66,7 +67,8 @@ class Plan:
 def build_plan(profile: Profile, dry_run_first: bool = False) -> Plan:
     res = profile.values["resources"]
     shared = dict(partition=res["partition"], account=res["account"], qos=res["qos"],
-                  constraint=res["constraint"], sbatch_extra=list(res["sbatch_extra"]))
+                  constraint=res["constraint"], sbatch_extra=list(res["sbatch_extra"]),
+                  signal_delay_s=res["signal_delay_s"])
     cpu = Resources(nodes=1, gpus_per_node=0, cpus_per_task=min(res["cpu_step_cpus"], res["cpus_per_task"]),
                     mem=res["cpu_step_mem"], time=_time(res["cpu_step_time"]), **shared)
     gpus = res["gpus_per_node"]

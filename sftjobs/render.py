@@ -84,10 +84,11 @@ def world_size(profile: Profile) -> int:
 
 
 def dry_run_steps(profile: Profile) -> int:
-    """Optimizer steps that show the dry run dry_run.max_samples samples."""
+    """Optimizer steps that show the dry run dry_run.max_samples samples (never more than the full run has)."""
     train = profile.train
     per_step = world_size(profile) * train.get("per_device_train_batch_size", 1) * train.get("gradient_accumulation_steps", 1)
-    return max(1, -(-profile.values["dry_run"]["max_samples"] // per_step))
+    samples = min(profile.values["dry_run"]["max_samples"], train.get("max_samples") or 10**12)
+    return max(1, -(-samples // per_step))
 
 
 def training_config(profile: Profile, paths: RunPaths, target: str) -> dict[str, Any]:

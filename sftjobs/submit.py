@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 from sftjobs import __version__
@@ -18,8 +17,7 @@ from sftjobs.profile import Profile, load_profile
 from sftjobs.render import render_files, write_run_dir
 from sftjobs.runs import new_run_id, read_manifest, write_manifest
 from sftjobs.runs import run_dir as run_dir_for
-
-KEY_PACKAGES = ("torch", "transformers", "deepspeed", "llamafactory", "accelerate", "submitit")
+from sftjobs.steps.preflight import library_versions  # metadata only: imports nothing heavy
 
 
 def choose_executor(requested: str) -> tuple[str, str]:
@@ -52,16 +50,6 @@ def executor_for_manifest(manifest: dict) -> Executor:
     from sftjobs.executors.local import DebugExecutor, LocalExecutor
 
     return DebugExecutor() if manifest["executor"] == "debug" else LocalExecutor()
-
-
-def package_versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {}
-    for name in KEY_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
 
 
 def project_commit() -> str | None:
@@ -141,7 +129,7 @@ def submit(p: Prepared) -> dict:
         "overrides": p.profile.overrides, "config_hash": p.profile.config_hash(), "config": p.profile.values,
         "executor": p.executor_name, "executor_reason": p.why, "dry_run_first": p.plan.dry_run_first,
         "submitted": time.time(), "sftjobs_version": __version__, "commit": project_commit(),
-        "versions": package_versions(), "files": sorted(p.files), "jobs": {}, "state": "submitting",
+        "versions": library_versions(), "files": sorted(p.files), "jobs": {}, "state": "submitting",
         "history": [],
     }
     write_manifest(p.run_dir, manifest)

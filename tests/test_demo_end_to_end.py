@@ -18,8 +18,11 @@ HANDOFF_KEYS = {"final_checkpoint", "profile", "config_hash", "versions", "devia
 
 def check_finished_run(run_dir: Path) -> None:
     validate = json.loads((run_dir / "reports" / "validate.json").read_text())
-    first, last = validate["loss"]["first"], validate["loss"]["last"]
-    assert last < first, validate["loss"]
+    assert validate["ok"] is True, validate["failures"]
+    loss = validate["checks"]["loss"]
+    assert loss["last_window_mean"] < loss["first_window_mean"], loss
+    assert validate["checks"]["checkpoints"]["loaded"]  # the checkpoint loaded with transformers
+    assert validate["generation"], "greedy generation on sample prompts"
     handoff = json.loads((run_dir / "handoff.json").read_text())
     assert HANDOFF_KEYS <= set(handoff), handoff.keys()
     final = Path(handoff["final_checkpoint"])

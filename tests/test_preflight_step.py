@@ -76,7 +76,7 @@ def test_disk_check_fails_with_what_to_change(tmp_path):
     full = result["estimates"]["full"]
     assert (full["total_steps"], full["kept"]) == (250, 5)
     dry = result["estimates"]["dry_run"]
-    assert dry["total_steps"] == 500 and dry["kept"] == 1  # dry run: max_steps 500 = save_steps
+    assert dry["total_steps"] == 250 and dry["kept"] == 1  # dry run: capped at the full run's 500 samples = save_steps
     # the dry run and the full run share a filesystem here: their needs add up
     (fs,) = result["filesystems"]
     assert fs["need_bytes"] == full["need_bytes"] + dry["need_bytes"]

@@ -17,8 +17,6 @@ from sftjobs.plan import Plan, Step
 
 SQUEUE_FORMAT = "%i|%j|%T|%r|%D|%N|%M|%l"
 SACCT_FIELDS = "JobID,JobName,State,ExitCode,Elapsed,NNodes,NodeList,Reason"
-# submitit sends USR2 this many seconds before the time limit so a training step can requeue itself.
-SIGNAL_DELAY_S = 120
 
 
 class StepCommand(Checkpointable):
@@ -60,7 +58,7 @@ def slurm_minutes(value: str) -> int:
 def sbatch_parameters(step: Step, parent_ids: list[str], job_name: str) -> dict:
     res = step.resources
     params: dict = dict(job_name=job_name, nodes=res.nodes, ntasks_per_node=1, cpus_per_task=res.cpus_per_task,
-                        stderr_to_stdout=True, signal_delay_s=SIGNAL_DELAY_S)
+                        stderr_to_stdout=True, signal_delay_s=res.signal_delay_s)
     extra: dict = {}
     if res.gpus_per_node:
         params["gpus_per_node"] = res.gpus_per_node

@@ -39,6 +39,10 @@ def run_step(ctx: StepContext) -> None:
     else:  # pragma: no cover - plan.py only makes the kinds above
         raise SftjobsError(f"unknown step kind {kind!r} in {ctx.run_dir / 'plan.json'}")
     run(ctx)
+    if kind == "validate" and ctx.step.target == "dry_run":
+        from sftjobs.steps import timelimit
+
+        timelimit.apply(ctx)
 
 
 def break_chain(ctx: StepContext, why: str) -> list[str]:

@@ -1,5 +1,5 @@
 """While a step trains: GPU utilisation and memory per GPU, the trainer's RSS and the checkpoint disk use,
-one JSON line every few seconds into monitor/<step>.<host>.jsonl (status shows the latest line)."""
+one JSON line every few seconds into monitor/<step>-<host>.jsonl (status shows the latest line)."""
 
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ class Sampler:
 def latest_sample(run_dir: Path, step: str) -> dict[str, Any] | None:
     """The newest line of any of the step's monitor files (one per node)."""
     newest = None
-    for path in sorted((run_dir / "monitor").glob(f"{step}.*.jsonl")):
+    for path in sorted((run_dir / "monitor").glob(f"{step}-*.jsonl")):
         try:
             with open(path, "rb") as handle:
                 handle.seek(max(0, os.path.getsize(path) - 8192))

@@ -74,7 +74,7 @@ def run(ctx: StepContext) -> None:
     training_log = log_dir / ("training.log" if ctx.node_rank == 0 else f"training.node{ctx.node_rank}.log")
     ctx.log(("resuming from " + str(resume)) if resume else f"starting {ctx.step.target} training into {output_dir}")
     ctx.log("$ " + " ".join(command) + f"  (log: {training_log})")
-    monitor = ctx.run_dir / "monitor" / f"{ctx.step.name}.{socket.gethostname()}.jsonl"
+    monitor = ctx.run_dir / "monitor" / f"{ctx.step.name}-{socket.gethostname()}.jsonl"
     with open(training_log, "ab") as log_handle:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy())
         with Sampler(monitor, process.pid, output_dir):

@@ -169,6 +169,7 @@ $PLUGINS
 JobAcctGatherFrequency=5
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
+AccountingStorageEnforce=associations,limits,qos
 JobCompType=jobcomp/none
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=2,bf_interval=2
@@ -208,6 +209,12 @@ alive /run/slurm/slurmdbd.pid slurmdbd || /usr/sbin/slurmdbd
 wait_for 60 slurmdbd sacctmgr -n list cluster
 sacctmgr -n -P list cluster format=cluster | grep -qx "$CLUSTER" ||
   sacctmgr -i add cluster "$CLUSTER" >/dev/null
+# Enforced associations (as on most real clusters): root submits the tests under account sftjobs_test,
+# so an unknown account or QOS is refused by sbatch.
+sacctmgr -n -P list account format=account | grep -qx sftjobs_test ||
+  sacctmgr -i add account sftjobs_test cluster="$CLUSTER" >/dev/null
+sacctmgr -n -P list user root format=user,defaultaccount | grep -q '^root|sftjobs_test$' ||
+  sacctmgr -i add user root account=sftjobs_test defaultaccount=sftjobs_test cluster="$CLUSTER" >/dev/null
 log "slurmdbd up"
 
 # ---------------------------------------------------------------- slurmctld, slurmd

@@ -7,6 +7,10 @@ umask 022
 export PYTHONUNBUFFERED=1
 export WANDB_DISABLED=true
 export HF_DATASETS_CACHE=/BASE/data/.hf_datasets_cache
+# Outside Slurm (local executor) use exactly the GPUs the profile asks for, unless the user chose them.
+if [ -z "${SLURM_JOB_ID:-}" ] && [ -z "${CUDA_VISIBLE_DEVICES+set}" ]; then
+  export CUDA_VISIBLE_DEVICES=0
+fi
 # Distributed environment for llamafactory-cli (it reads NODE_RANK, not RANK).
 export NNODES=1
 export NPROC_PER_NODE=1

@@ -1,0 +1,105 @@
+"""Benchmark (issue 3): queueing a chain costs < 2 s beyond sbatch's own time; status over 200 runs < 1 s.
+
+Needs the Slurm test cluster (tests/slurm/start-slurm.sh). Writes bench/results/submit_status.json.
+Run: .venv/bin/python bench/bench_submit_status.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+FAKE = REPO / "tests" / "slurm" / "fake_step_python.sh"
+SMALL = ["resources.cpus_per_task=1", "resources.mem=200M", "resources.cpu_step_cpus=1", "resources.cpu_step_mem=200M",
+         "resources.time=00:05:00", "resources.cpu_step_time=00:05:00", f"launcher.python={FAKE}"]
+
+
+def sbatch_time(n: int) -> float:
+    """Seconds for n bare sbatch calls (held, then cancelled): the floor no tool can go under."""
+    ids = []
+    start = time.perf_counter()
+    for _ in range(n):
+        out = subprocess.run(["sbatch", "--parsable", "--hold", "-n1", "--mem=10M", "--wrap=true"], check=True,
+                             capture_output=True, text=True).stdout
+        ids.append(out.strip().split(";")[0])
+    elapsed = time.perf_counter() - start
+    subprocess.run(["scancel", *ids], check=False)
+    return elapsed
+
+
+def main() -> int:
+    sys.path.insert(0, str(REPO))
+    from sftjobs.cli import main as cli
+
+    work = Path(tempfile.mkdtemp(prefix="sftjobs-bench-"))
+    os.environ["SFTJOBS_JOBS_DIR"] = str(work / "jobs")
+    os.chdir(work)
+    results: dict = {"machine": "2-core CPU VM (no GPU), Slurm 22.05 test cluster on the same host",
+                     "date": time.strftime("%Y-%m-%d")}
+    submits, floors = [], []
+    for _ in range(3):
+        floors.append(sbatch_time(7))
+        args = ["submit", "prod", "--dry-run-first", "--executor", "slurm", "--set", "resources.gpus_per_node=1"]
+        for item in SMALL:
+            args += ["--set", item]
+        start = time.perf_counter()
+        assert cli(args) == 0
+        submits.append(time.perf_counter() - start)
+        run = sorted((work / "jobs").iterdir())[-1]
+        subprocess.run(["scancel", *json.loads((run / "manifest.json").read_text())["jobs"].values()], check=False)
+    overhead = [s - f for s, f in zip(submits, floors)]
+    results["submit_7_step_chain_s"] = [round(x, 3) for x in submits]
+    results["sbatch_alone_7_calls_s"] = [round(x, 3) for x in floors]
+    results["overhead_beyond_sbatch_s_median"] = round(statistics.median(overhead), 3)
+    results["overhead_target_s"] = 2.0
+
+    # 200 runs: copies of the last run (same real job ids, so squeue/sacct answer for 1400 ids),
+    # the manifests' cached final states removed so every run is asked about.
+    template = sorted((work / "jobs").iterdir())[-1]
+    for i in range(200):
+        target = work / "jobs" / f"bench-{i:03d}"
+        shutil.copytree(template, target, ignore=shutil.ignore_patterns("slurm"))
+        manifest = json.loads((target / "manifest.json").read_text())
+        manifest.pop("final_states", None)
+        manifest["run_id"] = target.name
+        (target / "manifest.json").write_text(json.dumps(manifest))
+    times = []
+    for _ in range(3):
+        for run in (work / "jobs").iterdir():  # keep every run "live" so none is answered from its cache
+            m = json.loads((run / "manifest.json").read_text())
+            if m.pop("final_states", None) is not None:
+                (run / "manifest.json").write_text(json.dumps(m))
+        start = time.perf_counter()
+        out = subprocess.run([sys.executable, "-m", "sftjobs", "status"], capture_output=True, text=True, cwd=work,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+        times.append(time.perf_counter() - start)
+        assert out.returncode == 0, out.stderr
+    rows = len(out.stdout.strip().splitlines()) - 1
+    results["status_runs"] = len(list((work / "jobs").iterdir()))
+    results["status_rows"] = rows
+    results["status_s"] = [round(x, 3) for x in times]
+    results["status_s_median"] = round(statistics.median(times), 3)
+    results["status_target_s"] = 1.0
+    # and once more with every run finished and cached (the common case for old runs)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "sftjobs", "status"], capture_output=True, text=True, cwd=work,
+                   env={**os.environ, "PYTHONPATH": str(REPO)})
+    results["status_cached_s"] = round(time.perf_counter() - start, 3)
+    out_path = REPO / "bench" / "results" / "submit_status.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
