@@ -55,7 +55,7 @@ def main() -> int:
         submits.append(time.perf_counter() - start)
         run = sorted((work / "jobs").iterdir())[-1]
         subprocess.run(["scancel", *json.loads((run / "manifest.json").read_text())["jobs"].values()], check=False)
-    overhead = [s - f for s, f in zip(submits, floors)]
+    overhead = [s - f for s, f in zip(submits, floors, strict=True)]
     results["submit_7_step_chain_s"] = [round(x, 3) for x in submits]
     results["sbatch_alone_7_calls_s"] = [round(x, 3) for x in floors]
     results["overhead_beyond_sbatch_s_median"] = round(statistics.median(overhead), 3)
