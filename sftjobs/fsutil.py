@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write_text(path: str | os.PathLike, text: str, mode: int = 0o644) -> Path:
-    """Write ``text`` to a temp file beside ``path``, fsync it, then rename it over ``path``."""
+def atomic_write_text(path: str | os.PathLike, text: str, mode: int = 0o644, durable: bool = True) -> Path:
+    """Write ``text`` to a temp file beside ``path``, fsync it (unless ``durable`` is False, for caches that
+    can be rebuilt), then rename it over ``path``: readers see the old file or the new one, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -18,7 +19,8 @@ def atomic_write_text(path: str | os.PathLike, text: str, mode: int = 0o644) -> 
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
@@ -30,8 +32,8 @@ def atomic_write_text(path: str | os.PathLike, text: str, mode: int = 0o644) -> 
     return path
 
 
-def atomic_write_json(path: str | os.PathLike, data: Any, mode: int = 0o644) -> Path:
-    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n", mode=mode)
+def atomic_write_json(path: str | os.PathLike, data: Any, mode: int = 0o644, durable: bool = True) -> Path:
+    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n", mode=mode, durable=durable)
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -13,7 +13,7 @@ from typing import Any
 
 from sftjobs.errors import SftjobsError
 from sftjobs.executors.base import StepState
-from sftjobs.fsutil import read_json
+from sftjobs.fsutil import atomic_write_text, read_json
 from sftjobs.plan import Plan
 from sftjobs.runs import read_manifest, write_manifest
 from sftjobs.steps.monitor import latest_sample
@@ -49,6 +49,15 @@ class StepRow:
         return {"run": self.run, "step": self.step, "job_id": self.job_id, **self.state.to_dict(),
                 "progress": self.progress, "monitor": self.monitor}
 
+    def to_cache(self) -> dict[str, Any]:
+        return {"run": self.run, "step": self.step, "job_id": self.job_id, "state": self.state.to_dict(),
+                "progress": self.progress, "monitor": self.monitor}
+
+    @classmethod
+    def from_cache(cls, data: dict[str, Any]) -> "StepRow":
+        return cls(data["run"], data["step"], data["job_id"], StepState(**data["state"]), data["progress"],
+                   data["monitor"])
+
 
 def trainer_progress(output_dir: Path) -> dict[str, Any]:
     """The last line of LLaMA-Factory's trainer_log.jsonl (step, total, loss, ETA), read from the end."""
@@ -79,6 +88,19 @@ def trainer_progress(output_dir: Path) -> dict[str, Any]:
     return {}
 
 
+FINAL_STATES = "final_states.json"
+
+
+def finished_run_cache(run_dir: Path) -> tuple[list[StepRow], list[str]] | None:
+    """Rows and notes of a run whose every step had finished: it never changes again, so status reads them
+    from this cache instead of asking Slurm and the trainer's files (deleting the cache is harmless)."""
+    try:
+        data = read_json(run_dir / FINAL_STATES)
+        return [StepRow.from_cache(r) for r in data["rows"]], list(data["notes"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
 def step_marker(run_dir: Path, step: str) -> dict[str, Any] | None:
     try:
         return read_json(run_dir / "reports" / "status" / f"{step}.json")
@@ -90,8 +112,6 @@ def run_states(run_dir: Path, manifest: dict[str, Any], slurm_snapshot: dict[str
     from sftjobs.submit import executor_for_manifest
 
     jobs = manifest.get("jobs", {})
-    if manifest.get("final_states"):
-        return {k: StepState(**v) for k, v in manifest["final_states"].items()}
     if manifest["executor"] == "slurm" and slurm_snapshot is not None:
         states = {step: slurm_snapshot.get(job_id, StepState("UNKNOWN")) for step, job_id in jobs.items()}
     else:
@@ -106,10 +126,9 @@ def run_states(run_dir: Path, manifest: dict[str, Any], slurm_snapshot: dict[str
     return states
 
 
-def mend_broken_chain(run_dir: Path, manifest: dict[str, Any], states: dict[str, StepState]) -> str | None:
+def mend_broken_chain(run_dir: Path, manifest: dict[str, Any], states: dict[str, StepState], plan: Plan) -> str | None:
     """A step that failed leaves its dependants PENDING (DependencyNeverSatisfied) on clusters without
     kill_invalid_depend: cancel them and say which step broke the chain and why."""
-    plan = Plan.from_dict(read_json(run_dir / "plan.json"))
     failed = [s.name for s in plan.steps if s.name in states and states[s.name].state.split()[0] in TERMINAL
               and states[s.name].state != "COMPLETED"]
     if not failed:
@@ -142,7 +161,7 @@ def collect(run_dirs: list[Path]) -> tuple[list[StepRow], list[str]]:
         except SftjobsError as exc:
             manifests.append((run_dir, {"error": str(exc)}))
     snapshot = None
-    slurm_ids = [j for _, m in manifests if m.get("executor") == "slurm" and not m.get("final_states")
+    slurm_ids = [j for run_dir, m in manifests if m.get("executor") == "slurm" and not (run_dir / FINAL_STATES).exists()
                  for j in m.get("jobs", {}).values()]
     if slurm_ids:
         from sftjobs.executors.slurm import SlurmExecutor
@@ -154,27 +173,43 @@ def collect(run_dirs: list[Path]) -> tuple[list[StepRow], list[str]]:
         if "error" in manifest:
             notes.append(manifest["error"])
             continue
-        states = run_states(run_dir, manifest, snapshot)
-        broken = mend_broken_chain(run_dir, manifest, states)
-        if broken:
-            notes.append(f"{manifest['run_id']}: {broken}")
-        troubles = {s.reason for s in states.values() if "unreachable" in s.reason or "unavailable" in s.reason}
-        notes += [f"{manifest['run_id']}: {t}" for t in sorted(troubles)]
-        plan = read_json(run_dir / "plan.json")
-        for step in plan["steps"]:
-            name = step["name"]
-            if name not in states:
-                continue
-            row = StepRow(manifest["run_id"], name, manifest["jobs"].get(name, ""), states[name])
-            if step["kind"] == "train":
-                output = plan["paths"]["dry_run_output_dir"] if step["target"] == "dry_run" else plan["paths"]["output_dir"]
-                row.progress = trainer_progress(Path(output))
-                row.monitor = latest_sample(run_dir, name)
-            rows.append(row)
-        if states and all(s.state.split()[0] in TERMINAL for s in states.values()) and not manifest.get("final_states"):
-            manifest["final_states"] = {k: v.to_dict() for k, v in states.items()}  # no need to ask Slurm again
-            write_manifest(run_dir, manifest)
+        cached = finished_run_cache(run_dir)
+        if cached:
+            rows += cached[0]
+            notes += cached[1]
+            continue
+        run_rows, run_notes, finished = run_rows_and_notes(run_dir, manifest, snapshot)
+        rows += run_rows
+        notes += run_notes
+        if finished:
+            cache = {"rows": [r.to_cache() for r in run_rows], "notes": run_notes}
+            atomic_write_text(run_dir / FINAL_STATES, json.dumps(cache, separators=(",", ":")), durable=False)
     return rows, notes
+
+
+def run_rows_and_notes(run_dir: Path, manifest: dict[str, Any],
+                       snapshot: dict[str, StepState] | None) -> tuple[list[StepRow], list[str], bool]:
+    plan_data = read_json(run_dir / "plan.json")
+    states = run_states(run_dir, manifest, snapshot)
+    notes = []
+    broken = mend_broken_chain(run_dir, manifest, states, Plan.from_dict(plan_data))
+    if broken:
+        notes.append(f"{manifest['run_id']}: {broken}")
+    troubles = {s.reason for s in states.values() if "unreachable" in s.reason or "unavailable" in s.reason}
+    notes += [f"{manifest['run_id']}: {t}" for t in sorted(troubles)]
+    rows = []
+    for step in plan_data["steps"]:
+        name = step["name"]
+        if name not in states:
+            continue
+        row = StepRow(manifest["run_id"], name, manifest["jobs"].get(name, ""), states[name])
+        if step["kind"] == "train":
+            paths = plan_data["paths"]
+            row.progress = trainer_progress(Path(paths["dry_run_output_dir" if step["target"] == "dry_run" else "output_dir"]))
+            row.monitor = latest_sample(run_dir, name)
+        rows.append(row)
+    finished = bool(states) and all(s.state.split()[0] in TERMINAL for s in states.values())
+    return rows, notes, finished
 
 
 def format_table(rows: list[StepRow]) -> str:

@@ -92,16 +92,12 @@ def preview(p: Prepared) -> str:
 def live_runs_using(output_dir: str) -> list[str]:
     """Other runs whose live steps write into this output_dir (two trainers there would clobber checkpoints)."""
     from sftjobs.runs import list_runs
-    from sftjobs.status import collect
+    from sftjobs.status import FINAL_STATES, collect
 
     candidates = []
-    for run in list_runs():
-        try:
-            manifest = read_manifest(run)
-        except SftjobsError:
-            continue
+    for run in list_runs():  # list_runs only yields folders that hold a manifest
         paths = read_json_quiet(run / "plan.json").get("paths", {})
-        if not manifest.get("final_states") and output_dir in (paths.get("output_dir"), paths.get("dry_run_output_dir")):
+        if not (run / FINAL_STATES).exists() and output_dir in (paths.get("output_dir"), paths.get("dry_run_output_dir")):
             candidates.append(run)
     if not candidates:
         return []
@@ -154,7 +150,7 @@ def resume(run_dir: Path) -> tuple[dict, list[str]]:
     """Resubmit the steps of a run that did not complete; completed steps stay done, training resumes
     from the newest complete checkpoint."""
     from sftjobs.plan import Step
-    from sftjobs.status import collect
+    from sftjobs.status import FINAL_STATES, collect
 
     manifest = read_manifest(run_dir)
     rows, _ = collect([run_dir])
@@ -180,7 +176,7 @@ def resume(run_dir: Path) -> tuple[dict, list[str]]:
     manifest.setdefault("history", []).append({"time": time.time(), "event": "resume",
                                                "previous_jobs": dict(manifest["jobs"]), "resubmitted": list(new_jobs)})
     manifest["jobs"] = {s.name: new_jobs.get(s.name, manifest["jobs"].get(s.name)) for s in plan.steps}
-    manifest.pop("final_states", None)
+    (run_dir / FINAL_STATES).unlink(missing_ok=True)
     manifest["state"] = "submitted"
     write_manifest(run_dir, manifest)
     return manifest, list(new_jobs)

@@ -7,7 +7,7 @@ Preview and submission share one code path: ``prepare`` builds the exact request
 from __future__ import annotations
 
 import abc
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ class StepState:
         return self.state.split()[0] in LIVE_STATES
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**vars(self), "extra": dict(self.extra)}  # flat fields: no need for asdict's deep copy
 
 
 class Executor(abc.ABC):

@@ -8,37 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import submitit
-from submitit.helpers import Checkpointable, DelayedSubmission
-
 from sftjobs.errors import SftjobsError
 from sftjobs.executors.base import Executor, Request, StepState
 from sftjobs.plan import Plan, Step
 
 SQUEUE_FORMAT = "%i|%j|%T|%r|%D|%N|%M|%l"
 SACCT_FIELDS = "JobID,JobName,State,ExitCode,Elapsed,NNodes,NodeList,Reason"
-
-
-class StepCommand(Checkpointable):
-    """What a Slurm job runs: the step's launch script from the run directory, nothing else pickled.
-
-    Training steps are Checkpointable: on USR2 before the time limit (or a preemption) submitit requeues
-    the job, and the relaunched step resumes from the newest complete checkpoint.
-    """
-
-    def __init__(self, script: str, step: str, resumable: bool):
-        self.script = script
-        self.step = step
-        self.resumable = resumable
-
-    def __call__(self) -> str:
-        completed = subprocess.run(["bash", self.script], check=False)
-        if completed.returncode != 0:
-            raise RuntimeError(f"step {self.step} failed: {self.script} exited with {completed.returncode}")
-        return "ok"
-
-    def checkpoint(self) -> DelayedSubmission | None:  # type: ignore[override]
-        return DelayedSubmission(self) if self.resumable else None
 
 
 def slurm_minutes(value: str) -> int:
@@ -89,7 +64,9 @@ class SlurmExecutor(Executor):
         # the step itself runs with the profile's launcher.python from the launch script.
         self.python = sys.executable
 
-    def _executor(self, run_dir: Path, step: Step, parent_ids: list[str]) -> submitit.SlurmExecutor:
+    def _executor(self, run_dir: Path, step: Step, parent_ids: list[str]):
+        import submitit  # only submitting needs it; tracking (status, cancel) stays light
+
         executor = submitit.SlurmExecutor(folder=run_dir / "slurm" / step.name, python=self.python)
         try:
             executor.update_parameters(**sbatch_parameters(step, parent_ids, f"sftjobs:{run_dir.name}:{step.name}"))
@@ -124,6 +101,8 @@ class SlurmExecutor(Executor):
         job_ids: dict[str, str] = {}
         for step in plan.steps:
             executor = self._executor(run_dir, step, [job_ids[p] for p in step.after])
+            from sftjobs.executors.slurm_job import StepCommand
+
             command = StepCommand(str(run_dir / step.script), step.name, resumable=step.kind == "train")
             try:
                 job = executor.submit(command)
