@@ -77,3 +77,12 @@ def test_local_cancel_stops_the_running_step(in_tmp, capsys):
     assert {r["state"] for r in rows.values()} == {"CANCELLED"}
     time.sleep(0.5)
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_logs_follow_streams_until_the_step_ends(in_tmp, capsys):
+    run_dir = submit(in_tmp, env={"FAKE_SLEEP": "2"})
+    wait_until(lambda: step_states(capsys, run_dir)["data"]["state"] != "PENDING", 20, 0.2, "data started")
+    result = run_cli("logs", run_dir.name, "data", "-f", cwd=in_tmp, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "fake step data done" in result.stdout  # followed to the end, then returned by itself
+    wait_until(lambda: finished(capsys, run_dir), 60, 0.5, "the local chain")
