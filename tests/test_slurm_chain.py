@@ -180,3 +180,15 @@ def test_preview_matches_the_recorded_sbatch_scripts(slurm, in_tmp, capsys):
     if os.environ.get("SFTJOBS_UPDATE_GOLDEN"):
         golden.write_text(normalised)
     assert normalised == golden.read_text()
+
+
+def test_no_time_in_the_profile_means_the_partitions_own_limit(slurm, in_tmp, capsys):
+    # submitit would write its 5-minute default; sftjobs writes what Slurm gives a job without --time
+    assert main(["submit", "toy", "--executor", "slurm", "--preview", "--set", "resources.time=null",
+                 "--set", "resources.partition=short"]) == 0
+    out = capsys.readouterr().out
+    train = out.split("# ===== step train =====")[1].split("# ===== step")[0]
+    assert "#SBATCH --time=10" in train  # the short partition's MaxTime (it has no DefaultTime)
+    assert main(["submit", "toy", "--executor", "slurm", "--preview", "--set", "resources.time=null"]) == 0
+    train = capsys.readouterr().out.split("# ===== step train =====")[1].split("# ===== step")[0]
+    assert "#SBATCH --time=525600" in train  # an infinite partition: a year, never submitit's 5 minutes

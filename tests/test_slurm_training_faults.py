@@ -64,16 +64,18 @@ def test_requeued_training_resumes_and_the_dry_run_sets_the_time_limit(slurm, in
 
 
 def test_time_limit_signal_requeues_and_resumes(slurm, in_tmp, capsys):
-    # 3-minute limit, USR2 140 s before it: the training step gets the signal ~40 s in (Slurm checks limits
-    # every 30 s), submitit requeues it as Checkpointable, and the restart resumes from a checkpoint
-    run_dir, manifest = submit_demo(capsys, sets=["resources.time=3", "resources.signal_delay_s=140",
-                                                  "train.num_train_epochs=8.0", "train.save_steps=20"])
-    final = wait_until(lambda: all_done(capsys, manifest["run_id"]), 1200, 3, "the chain")
+    # a 4-minute limit with USR2 180 s before it: the step gets the signal 60-90 s in (Slurm checks limits every
+    # 30 s), after >= 45 s of training, and submitit requeues it as Checkpointable; each restart resumes from
+    # the newest checkpoint, so the 3000 steps finish within a few attempts
+    run_dir, manifest = submit_demo(capsys, sets=["resources.time=4", "resources.signal_delay_s=180",
+                                                  "train.num_train_epochs=60.0", "train.save_steps=100",
+                                                  "train.logging_steps=50"])
+    final = wait_until(lambda: all_done(capsys, manifest["run_id"]), 1500, 3, "the chain")
     assert set(final.values()) == {"COMPLETED"}, final
     train = manifest["jobs"]["train"]
     assert int(scontrol_job(train).get("Restarts", "0")) >= 1
     output_dir = Path(json.loads((run_dir / "plan.json").read_text())["paths"]["output_dir"])
     state = json.loads((output_dir / "trainer_state.json").read_text())
-    assert state["global_step"] == state["max_steps"] == 400
+    assert state["global_step"] == state["max_steps"] == 3000
     log = (run_dir / "slurm" / "train" / f"{train}_0_log.out").read_text()
-    assert "resuming from" in log
+    assert "timed-out" in log and "resuming from" in log

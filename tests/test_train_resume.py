@@ -1,6 +1,7 @@
 """Which checkpoint a restarted training step resumes from: the newest complete one; a checkpoint that was
 being written when the job died is moved aside (never deleted, never picked up)."""
 
+import json
 from pathlib import Path
 
 from sftjobs.steps.train import llamafactory_command, newest_complete_checkpoint
@@ -11,7 +12,7 @@ def make_checkpoint(output: Path, step: int, complete: bool) -> Path:
     path.mkdir(parents=True)
     (path / "model.safetensors").write_bytes(b"w" * 10)
     if complete:  # HF Trainer writes trainer_state.json last
-        (path / "trainer_state.json").write_text('{"global_step": %d}' % step)
+        (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     return path
 
 

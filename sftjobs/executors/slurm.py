@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from sftjobs.errors import SftjobsError
@@ -30,7 +31,9 @@ def slurm_minutes(value: str) -> int:
     return max(total, 1)
 
 
-def sbatch_parameters(step: Step, parent_ids: list[str], job_name: str) -> dict:
+def sbatch_parameters(step: Step, parent_ids: list[str], job_name: str, implicit_minutes: int) -> dict:
+    """submitit always writes --time (its default is 5 minutes): with resources.time null we write what Slurm
+    would give the job without one (the partition's DefaultTime, else MaxTime), so both agree."""
     res = step.resources
     params: dict = dict(job_name=job_name, nodes=res.nodes, ntasks_per_node=1, cpus_per_task=res.cpus_per_task,
                         stderr_to_stdout=True, signal_delay_s=res.signal_delay_s)
@@ -40,8 +43,7 @@ def sbatch_parameters(step: Step, parent_ids: list[str], job_name: str) -> dict:
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(res, key):
             params[key] = getattr(res, key)
-    if res.time:
-        params["time"] = slurm_minutes(res.time)
+    params["time"] = slurm_minutes(res.time) if res.time else implicit_minutes
     if res.mem:
         extra["mem"] = res.mem
     if parent_ids:
@@ -63,13 +65,17 @@ class SlurmExecutor(Executor):
         # submitit's own wrapper runs with this python on the node (the same venv, on a shared filesystem);
         # the step itself runs with the profile's launcher.python from the launch script.
         self.python = sys.executable
+        self._limits: dict[str, PartitionLimits] | None = None
 
     def _executor(self, run_dir: Path, step: Step, parent_ids: list[str]):
         import submitit  # only submitting needs it; tracking (status, cancel) stays light
 
         executor = submitit.SlurmExecutor(folder=run_dir / "slurm" / step.name, python=self.python)
         try:
-            executor.update_parameters(**sbatch_parameters(step, parent_ids, f"sftjobs:{run_dir.name}:{step.name}"))
+            limits = self.limits_for(step)
+            implicit = limits.implicit_minutes() if limits else NO_LIMIT_MINUTES
+            executor.update_parameters(**sbatch_parameters(step, parent_ids, f"sftjobs:{run_dir.name}:{step.name}",
+                                                           implicit))
         except ValueError as exc:
             raise SftjobsError(f"step {step.name}: bad sbatch parameters from the profile's resources: {exc}") from None
         return executor
@@ -83,18 +89,21 @@ class SlurmExecutor(Executor):
             requests.append(Request(step.name, step.after, text))
         return requests
 
+    def limits_for(self, step: Step) -> PartitionLimits | None:
+        if self._limits is None:
+            self._limits = partition_limits()
+        return self._limits.get(step.resources.partition or "*default*")
+
     def check_time_limits(self, plan: Plan) -> None:
         """A --time over the partition's MaxTime would sit PENDING (PartitionTimeLimit) forever: say so now."""
-        limits = partition_time_limits()
         for step in plan.steps:
-            if not step.resources.time:
+            limits = self.limits_for(step)
+            if not step.resources.time or limits is None or limits.max_minutes is None:
                 continue
-            partition = step.resources.partition or limits.get("*default*", ("", None))[0]
-            name, max_minutes = limits.get(partition, (partition, None))
-            if max_minutes is not None and slurm_minutes(step.resources.time) > max_minutes:
-                raise SftjobsError(f"step {step.name} asks for --time={step.resources.time} but partition {name} allows at "
-                                   f"most {max_minutes} minutes (MaxTime). Lower resources.time (or cpu_step_time), or "
-                                   "choose another resources.partition.")
+            if slurm_minutes(step.resources.time) > limits.max_minutes:
+                raise SftjobsError(f"step {step.name} asks for --time={step.resources.time} but partition {limits.name} "
+                                   f"allows at most {limits.max_minutes} minutes (MaxTime). Lower resources.time (or "
+                                   "cpu_step_time), or choose another resources.partition.")
 
     def submit(self, plan: Plan, run_dir: Path) -> dict[str, str]:
         self.check_time_limits(plan)
@@ -197,19 +206,36 @@ def sacct_states(job_ids: list[str]) -> dict[str, StepState]:
     return states
 
 
-def partition_time_limits() -> dict[str, tuple[str, int | None]]:
-    """partition -> (name, MaxTime in minutes or None for infinite); "*default*" names the default one."""
+@dataclass(frozen=True)
+class PartitionLimits:
+    name: str
+    max_minutes: int | None      # MaxTime; None = infinite
+    default_minutes: int | None  # DefaultTime; None = not set (Slurm then uses MaxTime)
+
+    def implicit_minutes(self) -> int:
+        """What Slurm gives a job without --time, in minutes (a year stands for infinite)."""
+        return self.default_minutes or self.max_minutes or NO_LIMIT_MINUTES
+
+
+NO_LIMIT_MINUTES = 365 * 24 * 60
+
+
+def partition_limits() -> dict[str, PartitionLimits]:
+    """partition name -> its time limits; "*default*" is the default partition."""
     try:
-        out = _run(["sinfo", "-h", "-o", "%P|%l"])
+        out = _run(["sinfo", "-h", "-o", "%P|%l|%L"])
     except (OSError, subprocess.SubprocessError):
         return {}  # the controller will judge; nothing to check against
-    limits: dict[str, tuple[str, int | None]] = {}
+    limits: dict[str, PartitionLimits] = {}
     for line in out.splitlines():
-        name, _, limit = line.strip().partition("|")
-        default = name.endswith("*")
+        name, max_time, default_time = (line.strip().split("|") + ["", ""])[:3]
+        is_default = name.endswith("*")
         name = name.rstrip("*")
-        minutes = None if limit in ("infinite", "n/a", "") else slurm_minutes(limit)
-        limits[name] = (name, minutes)
-        if default:
-            limits["*default*"] = (name, minutes)
+
+        def minutes(text: str) -> int | None:
+            return None if text in ("infinite", "n/a", "", "UNLIMITED") else slurm_minutes(text)
+
+        limits[name] = PartitionLimits(name, minutes(max_time), minutes(default_time))
+        if is_default:
+            limits["*default*"] = limits[name]
     return limits

@@ -4,6 +4,7 @@ full run is queued without --time (the partition's default) and lowered here to 
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 from pathlib import Path
@@ -17,9 +18,17 @@ MARGIN = 1.5           # the full run's steps are longer on average than a 63-st
 FIXED_MINUTES = 30     # start-up, loading the tokenized data, checkpoint saves
 
 
-def seconds_per_step(trainer_log: Path) -> float | None:
-    """Optimizer-step time between the first and the last logged point (skips the first step's warm-up)."""
-    points = [e for e in read_trainer_log(trainer_log) if "current_steps" in e and e.get("elapsed_time")]
+def seconds_per_step(output_dir: Path) -> float | None:
+    """The dry run's seconds per optimizer step: the Trainer's own train_runtime / steps (sub-second
+    precision, warm-up included, so on the safe side), else the trainer_log's elapsed times."""
+    try:
+        results = json.loads((output_dir / "train_results.json").read_text())
+        state = json.loads((output_dir / "trainer_state.json").read_text())
+        if results.get("train_runtime") and state.get("global_step"):
+            return float(results["train_runtime"]) / int(state["global_step"])
+    except (OSError, ValueError):
+        pass
+    points = [e for e in read_trainer_log(output_dir / "trainer_log.jsonl") if "current_steps" in e and e.get("elapsed_time")]
     if len(points) < 2:
         return None
     first, last = points[0], points[-1]
@@ -40,7 +49,7 @@ def _hms(text: str) -> float:
 
 
 def estimate(ctx: StepContext) -> dict[str, Any] | None:
-    per_step = seconds_per_step(ctx.output_dir("dry_run") / "trainer_log.jsonl")
+    per_step = seconds_per_step(ctx.output_dir("dry_run"))
     if per_step is None:
         return None
     full = ctx.training_config("full")
@@ -64,7 +73,9 @@ def apply(ctx: StepContext) -> dict[str, Any] | None:
         return None
     result = estimate(ctx)
     if result is None:
-        ctx.log("the dry run logged too few points to time the full run; its time limit stays the partition default")
+        why = "the dry run left no timing (train_results.json, trainer_log.jsonl); the full run keeps its limit"
+        ctx.log(why)
+        ctx.write_report({"applied_to": None, "why": why}, name="time_limit")
         return None
     job_id = ctx.manifest.get("jobs", {}).get("train")
     if ctx.manifest.get("executor") == "slurm" and job_id:
