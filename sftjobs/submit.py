@@ -42,11 +42,12 @@ def make_executor(name: str, profile: Profile) -> Executor:
     return DebugExecutor() if name == "debug" else LocalExecutor()
 
 
-def executor_for_manifest(manifest: dict) -> Executor:
+def executor_for_manifest(manifest: dict, submitting: bool = False) -> Executor:
+    """The backend a run was submitted with; tracking it needs only squeue / sacct / scancel, not sbatch."""
     if manifest["executor"] == "slurm":
         from sftjobs.executors.slurm import SlurmExecutor
 
-        return SlurmExecutor(need_sbatch=False)  # tracking needs only squeue / sacct / scancel
+        return SlurmExecutor(need_sbatch=submitting)
     from sftjobs.executors.local import DebugExecutor, LocalExecutor
 
     return DebugExecutor() if manifest["executor"] == "debug" else LocalExecutor()
@@ -165,11 +166,7 @@ def resume(run_dir: Path) -> tuple[dict, list[str]]:
                  for s in plan.steps if s.name not in done])
     if not todo.steps:
         return manifest, []
-    backend = executor_for_manifest(manifest)
-    if manifest["executor"] == "slurm":
-        from sftjobs.executors.slurm import SlurmExecutor
-
-        backend = SlurmExecutor()
+    backend = executor_for_manifest(manifest, submitting=True)
     for name in (s.name for s in todo.steps):  # the steps' own records of the earlier attempt
         (run_dir / "reports" / "status" / f"{name}.json").unlink(missing_ok=True)
     new_jobs = backend.submit(todo, run_dir)
