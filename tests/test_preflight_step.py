@@ -177,7 +177,7 @@ def test_missing_paths_are_all_listed(tmp_path):
 
 # ============================================================================= train tier
 
-ALL_RENDERED = [(p, t) for p in ("toy", "prod", "demo") for t in ("train.yaml", "dry_run.yaml")]
+ALL_RENDERED = [(p, t) for p in ("toy", "prod", "demo", "fast") for t in ("train.yaml", "dry_run.yaml")]
 
 
 @pytest.mark.train

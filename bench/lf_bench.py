@@ -1,0 +1,227 @@
+"""`llamafactory-cli train CFG.yaml` (its run_exp()) plus a per-step timer: the benchmark's training harness.
+
+    torchrun --nproc_per_node N bench/lf_bench.py CFG.yaml        (what FORCE_TORCHRUN=1 llamafactory-cli runs)
+
+Environment:
+  BENCH_OUT            folder for timing_rank{R}.json (per optimizer step: synchronised wall time, cumulative
+                       non-padding tokens of all ranks, all positions; peak CUDA memory of the rank)
+  BENCH_EXIT_AT_END=1  leave right after the last step (skips the final multi-GB save, not part of the measure)
+  BENCH_PROFILE_STEP=k torch.profiler over optimizer step k; tables to BENCH_OUT/profile_rank0.txt
+  BENCH_NO_CUDNN_SDPA=1 torch.backends.cuda.enable_cudnn_sdp(False) (where TORCH_CUDNN_SDPA_DEPRIORITIZED=1,
+                       the switch sftjobs' profiles use, is not known to the installed torch)
+  BENCH_SEGMENT_ATTN=1 experiment (not in sftjobs): sample-isolated attention for packed rows by running SDPA's
+                       causal flash kernel once per sample (boundaries from position_ids), instead of the 4D
+                       block-diagonal mask LLaMA-Factory builds for neat_packing without flash-attn. Cost is the
+                       sum of per-sample causal attention, as with flash-attn's varlen kernel.
+
+Tokens are counted as input_ids != pad_id (HF's "non_padding" mode sums attention_mask, which is wrong for
+neat_packing's index mask). Derived from ../shared/reference/gpu-bench/lf_train.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+from transformers import TrainerCallback
+
+
+def _patch_token_count() -> None:
+    import transformers.trainer as T
+
+    def _track(self, inputs):
+        ids = inputs["input_ids"]
+        pad = getattr(self.processing_class, "pad_token_id", None)
+        pad = 0 if pad is None else pad
+        t = torch.stack([(ids != pad).sum(), torch.tensor(ids.numel(), device=ids.device)]).to(
+            device=self.args.device, dtype=torch.int64)
+        g = self.accelerator.gather(t.view(1, 2)).view(-1, 2).sum(0)
+        self.state.num_input_tokens_seen += int(g[0].item())
+        StepTimer.all_tokens += int(g[1].item())
+
+    T.Trainer._track_num_input_tokens = _track
+
+
+# ----------------------------------------------------------------------------- segment attention (experiment)
+
+
+def segment_sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention interface: q [B, H, L, D], k/v [B, Hkv, L, D] -> out [B, L, H, D].
+
+    With position_ids that restart (packed samples) and no mask, each sample attends only to itself
+    (causal flash SDPA per segment); otherwise one causal SDPA over the row.
+    """
+    import torch.nn.functional as F
+
+    position_ids = kwargs.get("position_ids")
+    if attention_mask is not None and not (attention_mask.dim() == 2 and bool(attention_mask.all())):
+        # a padded batch: the masked kernel, as transformers' sdpa would
+        n_rep = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(n_rep, dim=1), value.repeat_interleave(n_rep, dim=1)
+        mask = attention_mask
+        if mask.dim() == 2:
+            L = query.shape[2]
+            causal = torch.ones(L, L, dtype=torch.bool, device=query.device).tril()
+            mask = causal[None, None] & mask[:, None, None, :].bool()
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+    bounds = _segments(position_ids, query.shape[0], query.shape[2])
+    outs = []
+    for b in range(query.shape[0]):
+        pieces = [F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
+                                                 is_causal=True, scale=scaling, enable_gqa=True)
+                  for s, e in zip(bounds[b][:-1], bounds[b][1:], strict=True)]
+        outs.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
+    out = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
+    return out.transpose(1, 2).contiguous(), None
+
+
+_SEG_CACHE: list = [None, None]  # [weakref to the position_ids tensor, its boundaries]
+
+
+def _segments(position_ids, batch: int, length: int) -> list[list[int]]:
+    """Per row, the sample boundaries [0, s1, ..., L] where position_ids restart.
+
+    One GPU->CPU copy per forward: every layer gets the same position_ids tensor object, so it is cached.
+    """
+    import weakref
+
+    if position_ids is None:
+        return [[0, length]] * batch
+    ref = _SEG_CACHE[0]
+    if ref is None or ref() is not position_ids:
+        pos = position_ids.expand(batch, -1) if position_ids.shape[0] != batch else position_ids
+        restart = (pos[:, 1:] <= pos[:, :-1]).cpu()
+        bounds = [[0] + (torch.nonzero(restart[b]).flatten() + 1).tolist() + [length] for b in range(batch)]
+        _SEG_CACHE[:] = [weakref.ref(position_ids), bounds]
+    return _SEG_CACHE[1]
+
+
+def _patch_segment_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register("segment_sdpa", segment_sdpa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("segment_sdpa", lambda *a, **k: None)  # no mask: boundaries from positions
+
+    import llamafactory.train.sft.workflow as W
+    from llamafactory.data import collator as C
+
+    load_model = W.load_model
+
+    def _load_model(*args, **kwargs):
+        model = load_model(*args, **kwargs)
+        model.config._attn_implementation = "segment_sdpa"
+        for sub in model.modules():
+            cfg = getattr(sub, "config", None)
+            if cfg is not None and hasattr(cfg, "_attn_implementation"):
+                cfg._attn_implementation = "segment_sdpa"
+        return model
+
+    W.load_model = _load_model
+    post_init = C.SFTDataCollatorWith4DAttentionMask.__post_init__
+
+    def _post_init(self):
+        if self.attn_implementation == "segment_sdpa":
+            # take LLaMA-Factory's flash-attn path: no 4D mask, position_ids restart per sample, pad trimmed
+            self.attn_implementation = "flash_attention_2"
+        post_init(self)
+
+    C.SFTDataCollatorWith4DAttentionMask.__post_init__ = _post_init
+    print("[bench] segment_sdpa attention enabled", flush=True)
+
+
+# ----------------------------------------------------------------------------- timer
+
+
+class StepTimer(TrainerCallback):
+    all_tokens = 0
+
+    def __init__(self):
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.out = os.environ.get("BENCH_OUT", ".")
+        self.profile_step = int(os.environ.get("BENCH_PROFILE_STEP", "0"))
+        self.prof = None
+        self.rec = {"steps": [], "t": [], "tokens": [], "all_tokens": [], "t_train_begin": None, "mem_alloc_GiB": []}
+
+    @staticmethod
+    def _sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def _dump(self):
+        rec = dict(self.rec)
+        if torch.cuda.is_available():
+            rec["max_mem_alloc_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+            rec["max_mem_reserved_GiB"] = torch.cuda.max_memory_reserved() / 2**30
+            rec["device"] = torch.cuda.get_device_name(0)
+        rec["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
+        with open(os.path.join(self.out, f"timing_rank{self.rank}.json"), "w") as f:
+            json.dump(rec, f)
+
+    def on_train_begin(self, args, state, control, **kw):
+        self._sync()
+        self.rec["t_train_begin"] = time.perf_counter()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_step_begin(self, args, state, control, **kw):
+        if self.profile_step and state.global_step + 1 == self.profile_step and self.rank == 0:
+            self._sync()
+            self.prof = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA], with_stack=True)
+            self.prof.__enter__()
+            self.t_prof = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        self._sync()
+        if self.prof is not None:
+            self.prof.__exit__(None, None, None)
+            wall = time.perf_counter() - self.t_prof
+            events = self.prof.key_averages()
+            busy_us = sum(e.self_device_time_total for e in events)
+            with open(os.path.join(self.out, "profile_rank0.txt"), "w") as f:
+                f.write(f"optimizer step {state.global_step}: wall {wall * 1000:.1f} ms, summed GPU kernel time "
+                        f"{busy_us / 1000:.1f} ms ({busy_us / 1e4 / wall:.0f}% of wall; overlapping streams can exceed)\n\n")
+                f.write(events.table(sort_by="self_device_time_total", row_limit=35))
+                f.write("\n\n")
+                f.write(events.table(sort_by="cpu_time_total", row_limit=45))
+                f.write("\n\n")
+                f.write(self.prof.key_averages(group_by_stack_n=6).table(sort_by="cpu_time_total", row_limit=25))
+            self.prof = None
+        self.rec["steps"].append(state.global_step)
+        self.rec["t"].append(time.perf_counter())
+        self.rec["tokens"].append(int(getattr(state, "num_input_tokens_seen", 0) or 0))
+        self.rec["all_tokens"].append(int(StepTimer.all_tokens))
+        if torch.cuda.is_available():
+            self.rec["mem_alloc_GiB"].append(round(torch.cuda.max_memory_allocated() / 2**30, 2))
+        if self.rank == 0:
+            n = len(self.rec["t"])
+            dt = self.rec["t"][-1] - (self.rec["t"][-2] if n > 1 else self.rec["t_train_begin"])
+            dtok = self.rec["tokens"][-1] - (self.rec["tokens"][-2] if n > 1 else 0)
+            ws = max(1, int(os.environ.get("WORLD_SIZE", "1")))
+            mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0
+            print(f"[bench] step {state.global_step} dt={dt:.3f}s tokens={dtok} tok/s/gpu={dtok / dt / ws:.0f} "
+                  f"mem={mem:.1f}GiB", flush=True)
+        self._dump()  # every step: a run stopped by its time limit still leaves its numbers
+        if state.global_step >= state.max_steps and os.environ.get("BENCH_EXIT_AT_END") == "1":
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()
+            print(f"[bench] rank {self.rank} done, exiting before the final save", flush=True)
+            os._exit(0)
+
+
+if __name__ == "__main__":
+    from llamafactory.train.tuner import run_exp
+
+    _patch_token_count()
+    if os.environ.get("BENCH_NO_CUDNN_SDPA") == "1":  # fallback where TORCH_CUDNN_SDPA_DEPRIORITIZED is unknown
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        print("[bench] cuDNN SDPA disabled in-process", flush=True)
+    if os.environ.get("BENCH_SEGMENT_ATTN") == "1":
+        _patch_segment_attention()
+    run_exp(callbacks=[StepTimer()])
