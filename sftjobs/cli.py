@@ -38,12 +38,12 @@ def cmd_render(args: argparse.Namespace) -> int:
     from sftjobs.plan import build_plan
     from sftjobs.profile import load_profile
     from sftjobs.render import render_files, write_run_dir
-    from sftjobs.runs import new_run_id
+    from sftjobs.runs import jobs_dir, new_run_id
 
     profile = load_profile(args.profile, args.overrides)
     plan = build_plan(profile, dry_run_first=args.dry_run_first)
     run_id = new_run_id(profile.name)
-    out = Path(args.out).absolute() if args.out else Path.cwd() / "jobs" / "rendered" / run_id
+    out = Path(args.out).absolute() if args.out else jobs_dir() / "rendered" / run_id
     written = write_run_dir(render_files(profile, plan, out, run_id), out)
     print(f"rendered {profile.name} into {out} ({len(written)} files):")
     for path in written:
@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("render", help="write the run directory that submit would use, without submitting")
     _add_profile_args(p)
-    p.add_argument("--out", metavar="DIR", help="where to write (default: jobs/rendered/<run-id>)")
+    p.add_argument("--out", metavar="DIR", help="where to write (default: <jobs dir>/rendered/<run-id>)")
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("submit", help="render a run and queue its whole chain (Slurm, or this machine)")
