@@ -82,7 +82,7 @@ OPT_STR = (str, type(None))
 SCHEMA: dict[str, Key] = {
     "description": Key(str, ""),
     "extends": Key(OPT_STR, None, help="parent profile (name or path)"),
-    "output_dir": Key(str, None),
+    "output_dir": Key(str, None, help="checkpoints; {run_id} in it gives every run its own folder"),
     "deepspeed": Key(str, "none", _choice(DEEPSPEED_CHOICES)),
     "model.source": Key(str, "hub", _choice(SOURCE_CHOICES)),
     "model.hub_id": Key(OPT_STR, None),

@@ -60,13 +60,15 @@ def absolute(path: str, base: Path) -> str:
 class RunPaths:
     """The absolute paths a run's files point at."""
 
-    def __init__(self, profile: Profile, run_dir: Path, base: Path):
+    def __init__(self, profile: Profile, run_dir: Path, base: Path, run_id: str):
         v = profile.values
         self.run_dir = str(run_dir)
         model = v["model"]
         self.model_dir = absolute(model["path"] if model["source"] == "path" else model["local_dir"], base)
         self.data_dir = absolute(v["data"]["dir"], base)
-        self.output_dir = absolute(v["output_dir"], base)
+        # "{run_id}" in output_dir gives each run its own checkpoints (the demo); without it a new run into the
+        # same output_dir resumes from what is there, as LLaMA-Factory does.
+        self.output_dir = absolute(v["output_dir"].replace("{run_id}", run_id), base)
         self.dry_run_output_dir = self.output_dir.rstrip("/") + "-dry-run"
         self.dataset_dir = os.path.join(self.run_dir, "dataset")
         self.deepspeed_config = os.path.join(self.run_dir, "deepspeed.json") if v["deepspeed"] != "none" else None
@@ -130,7 +132,7 @@ def dataset_info(shape: str, data_dir: str) -> str:
 def render_files(profile: Profile, plan: Plan, run_dir: Path, run_id: str, base: Path | None = None) -> dict[str, str]:
     """Every file of the run directory as text, keyed by path relative to the run directory."""
     base = base or Path.cwd()
-    paths = RunPaths(profile, run_dir, base)
+    paths = RunPaths(profile, run_dir, base, run_id)
     v = profile.values
     files: dict[str, str] = {}
     for target, name in (("full", "llamafactory/train.yaml"), ("dry_run", "llamafactory/dry_run.yaml")):

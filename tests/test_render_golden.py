@@ -95,3 +95,13 @@ def test_dataset_info_has_both_entries(in_tmp):
     for entry in info.values():
         assert entry["formatting"] == "sharegpt"
         assert entry["columns"] == {"messages": "conversations", "system": "system"}
+
+
+def test_run_id_in_output_dir_gives_each_run_its_own_checkpoints(in_tmp):
+    profile = load_profile("demo")
+    plan = build_plan(profile)
+    first = yaml.safe_load(render_files(profile, plan, Path("/RUN1"), "demo-a", base=Path("/B"))["llamafactory/train.yaml"])
+    second = yaml.safe_load(render_files(profile, plan, Path("/RUN2"), "demo-b", base=Path("/B"))["llamafactory/train.yaml"])
+    assert first["output_dir"] == "/B/checkpoints/demo/demo-a" and second["output_dir"] == "/B/checkpoints/demo/demo-b"
+    toy = load_profile("toy")  # the plan's stages keep one output_dir, so a new run resumes what is there
+    assert "{run_id}" not in toy.values["output_dir"]
