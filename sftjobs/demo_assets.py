@@ -223,12 +223,15 @@ def synthetic_shape(name: str) -> dict[str, Any]:
 
 def qwen2_config(shape: str, tokenizer) -> Any:
     """The Qwen2Config of a synthetic shape; vocab = the shape's (>= the tokenizer's) or the tokenizer's size."""
+    return qwen2_config_from_dims(synthetic_shape(shape), tokenizer, shape)
+
+
+def qwen2_config_from_dims(dims: dict[str, Any], tokenizer, name: str = "custom") -> Any:
     from transformers import Qwen2Config
 
-    dims = synthetic_shape(shape)
     vocab = dims["vocab"] or len(tokenizer)
     if vocab < len(tokenizer):
-        raise SftjobsError(f"the tokenizer has {len(tokenizer)} entries, more than the {shape} shape's vocab {vocab}")
+        raise SftjobsError(f"the tokenizer has {len(tokenizer)} entries, more than the {name} shape's vocab {vocab}")
     return Qwen2Config(
         vocab_size=vocab,
         hidden_size=dims["hidden"],
@@ -317,29 +320,13 @@ def make_tiny_qwen2(
     The same arguments and seed give the same weights.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out_dir, tokenizer_dir = Path(out_dir), Path(tokenizer_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    cfg = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=4096,
-        rope_theta=1000000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        use_sliding_window=False,
-        hidden_act="silu",
-        attention_dropout=0.0,
-        initializer_range=0.02,
-        bos_token_id=None,
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-    )
+    dims = {**SYNTHETIC_SHAPES["tiny"], "hidden": hidden, "intermediate": intermediate, "layers": layers,
+            "heads": heads, "kv_heads": kv_heads}
+    cfg = qwen2_config_from_dims(dims, tokenizer, "tiny")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     out_dir.mkdir(parents=True, exist_ok=True)

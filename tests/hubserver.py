@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -370,3 +371,24 @@ def hub_server(
     ]
     with HubServer(hub_repos, truncate_once=truncate_once) as hub:
         yield hub
+
+
+def hub_env(endpoint: str, hf_home: Path | str, *, offline: bool = False, token: str | None = None,
+            no_backoff: bool = False) -> dict[str, str]:
+    """The environment of a fresh interpreter that talks to this stand-in hub (huggingface_hub reads HF_ENDPOINT
+    and HF_HUB_OFFLINE at import, so every download test runs in its own process)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    env.update(
+        HF_ENDPOINT=endpoint,
+        HF_HOME=str(hf_home),  # an empty cache: nothing leaks in from the user's
+        HF_HUB_DISABLE_TELEMETRY="1",
+        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+        NO_PROXY="127.0.0.1,localhost",
+    )
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    if token:
+        env["HF_TOKEN"] = token
+    if no_backoff:
+        env["TEST_NO_BACKOFF"] = "1"
+    return env

@@ -8,13 +8,12 @@ test something other than what runs for real.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from hubserver import HubRepo, HubServer
+from hubserver import HubRepo, HubServer, hub_env
 from synthetic_data import ArpoSynth
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -54,20 +53,7 @@ def _download(
     token: str | None = None,
     no_backoff: bool = False,
 ) -> tuple[int, dict]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
-    env.update(
-        HF_ENDPOINT=endpoint,
-        HF_HOME=str(tmp_path / "hf_home"),  # an empty cache: nothing leaks in from the user's
-        HF_HUB_DISABLE_TELEMETRY="1",
-        PYTHONPATH=str(REPO_ROOT),
-        NO_PROXY="127.0.0.1,localhost",
-    )
-    if offline:
-        env["HF_HUB_OFFLINE"] = "1"
-    if token:
-        env["HF_TOKEN"] = token
-    if no_backoff:
-        env["TEST_NO_BACKOFF"] = "1"
+    env = hub_env(endpoint, tmp_path / "hf_home", offline=offline, token=token, no_backoff=no_backoff)
     proc = subprocess.run(
         [sys.executable, "-c", _RUNNER, repo, filename, str(tmp_path / "data"), revision],
         capture_output=True,

@@ -8,14 +8,13 @@ in-process would test something other than what runs for real.
 from __future__ import annotations
 
 import json
-import os
 import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from hubserver import HubRepo, HubServer, hub_server
+from hubserver import HubRepo, HubServer, hub_env, hub_server
 
 from sftjobs.errors import SftjobsError
 from sftjobs.steps.model import check_model_dir, fetch_model
@@ -107,20 +106,7 @@ def fetch(
     local_dir: Path | None = None,
     hf_home: Path | None = None,
 ) -> tuple[int, dict]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
-    env.update(
-        HF_ENDPOINT=endpoint,
-        HF_HOME=str(hf_home or tmp_path / "hf_home"),  # an empty cache: nothing leaks in from the user's
-        HF_HUB_DISABLE_TELEMETRY="1",
-        PYTHONPATH=str(REPO_ROOT),
-        NO_PROXY="127.0.0.1,localhost",
-    )
-    if offline:
-        env["HF_HUB_OFFLINE"] = "1"
-    if token:
-        env["HF_TOKEN"] = token
-    if no_backoff:
-        env["TEST_NO_BACKOFF"] = "1"
+    env = hub_env(endpoint, hf_home or tmp_path / "hf_home", offline=offline, token=token, no_backoff=no_backoff)
     local_dir = local_dir or tmp_path / "models" / "tiny"
     proc = subprocess.run(
         [sys.executable, "-c", _RUNNER, repo, str(local_dir), revision],
@@ -275,8 +261,7 @@ def test_dataset_repos_are_served_too(tmp_path):
         "print(hf_hub_download('org/some-data', 'rows.jsonl', repo_type='dataset', local_dir=sys.argv[1]))"
     )
     with HubServer([repo]) as hub:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
-        env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf_home"), NO_PROXY="127.0.0.1,localhost")
+        env = hub_env(hub.url, tmp_path / "hf_home")
         proc = subprocess.run(
             [sys.executable, "-c", code, str(tmp_path / "d")], capture_output=True, text=True, env=env, timeout=60
         )
