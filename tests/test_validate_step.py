@@ -251,7 +251,7 @@ def test_run_without_any_log(tmp_path):
     with pytest.raises(SftjobsError) as err:
         validate.run(ctx)
     assert "trainer_log.jsonl does not exist" in str(err.value)
-    assert "demo-dry-run" in str(err.value)
+    assert str(ctx.output_dir("dry_run")) in str(err.value)  # names the dry run's own output dir
 
 
 # ----------------------------------------------------------------------------- a real tiny model
