@@ -392,3 +392,15 @@ def hub_env(endpoint: str, hf_home: Path | str, *, offline: bool = False, token:
     if no_backoff:
         env["TEST_NO_BACKOFF"] = "1"
     return env
+
+
+def run_download(code: str, args: list[str], env: dict[str, str]) -> tuple[int, dict]:
+    """Run a download snippet in a fresh interpreter; it prints one JSON line last, which is returned."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120)
+    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    assert last.startswith("{"), f"rc={proc.returncode}\nstdout={proc.stdout}\nstderr={proc.stderr}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.returncode, json.loads(last)

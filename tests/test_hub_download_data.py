@@ -8,12 +8,10 @@ test something other than what runs for real.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from hubserver import HubRepo, HubServer, hub_env
+from hubserver import HubRepo, HubServer, hub_env, run_download
 from synthetic_data import ArpoSynth
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -54,17 +52,7 @@ def _download(
     no_backoff: bool = False,
 ) -> tuple[int, dict]:
     env = hub_env(endpoint, tmp_path / "hf_home", offline=offline, token=token, no_backoff=no_backoff)
-    proc = subprocess.run(
-        [sys.executable, "-c", _RUNNER, repo, filename, str(tmp_path / "data"), revision],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-    assert last.startswith("{"), f"rc={proc.returncode}\nstdout={proc.stdout}\nstderr={proc.stderr}"
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return proc.returncode, json.loads(last)
+    return run_download(_RUNNER, [repo, filename, str(tmp_path / "data"), revision], env)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hubserver import HubRepo, HubServer, hub_env, hub_server
+from hubserver import HubRepo, HubServer, hub_env, hub_server, run_download
 
 from sftjobs.errors import SftjobsError
 from sftjobs.steps.model import check_model_dir, fetch_model
@@ -108,17 +108,7 @@ def fetch(
 ) -> tuple[int, dict]:
     env = hub_env(endpoint, hf_home or tmp_path / "hf_home", offline=offline, token=token, no_backoff=no_backoff)
     local_dir = local_dir or tmp_path / "models" / "tiny"
-    proc = subprocess.run(
-        [sys.executable, "-c", _RUNNER, repo, str(local_dir), revision],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-    assert last.startswith("{"), f"rc={proc.returncode}\nstdout={proc.stdout}\nstderr={proc.stderr}"
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return proc.returncode, json.loads(last)
+    return run_download(_RUNNER, [repo, str(local_dir), revision], env)
 
 
 # --- downloads ---------------------------------------------------------------------------------
