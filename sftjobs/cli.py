@@ -35,17 +35,22 @@ def cmd_profiles(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
+    from sftjobs.memory_plan import summary_line
     from sftjobs.plan import build_plan
     from sftjobs.profile import load_profile
-    from sftjobs.render import render_files, write_run_dir
+    from sftjobs.render import memory_plan_of, render_files, write_run_dir
     from sftjobs.runs import jobs_dir, new_run_id
 
     profile = load_profile(args.profile, args.overrides)
     plan = build_plan(profile, dry_run_first=args.dry_run_first)
     run_id = new_run_id(profile.name)
     out = Path(args.out).absolute() if args.out else jobs_dir() / "rendered" / run_id
-    written = write_run_dir(render_files(profile, plan, out, run_id), out)
+    files = render_files(profile, plan, out, run_id)
+    written = write_run_dir(files, out)
     print(f"rendered {profile.name} into {out} ({len(written)} files):")
+    memory = memory_plan_of(files)
+    if memory is not None:
+        print(summary_line(memory))
     for path in written:
         print(f"  {path.relative_to(out)}")
     return 0

@@ -213,6 +213,7 @@ SYNTHETIC_SHAPES: dict[str, dict[str, Any]] = {
 }
 # Real shapes get a larger tokenizer (fewer tokens per word, closer to Qwen's ~4 characters a token).
 REAL_SHAPE_TOKENIZER_VOCAB = 8192
+DEMO_TOKENIZER_VOCAB = 1500  # the tiny shape's tokenizer (its vocab is the tokenizer's)
 
 
 def synthetic_shape(name: str) -> dict[str, Any]:
@@ -390,7 +391,7 @@ def make_demo_model(
                     shutil.copyfile(local_dir / name, tmp / name)
             log(f"using the tokenizer already in {local_dir}")
         else:
-            make_tokenizer(tmp, texts, vocab_size=REAL_SHAPE_TOKENIZER_VOCAB if dims["vocab"] else 1500)
+            make_tokenizer(tmp, texts, vocab_size=REAL_SHAPE_TOKENIZER_VOCAB if dims["vocab"] else DEMO_TOKENIZER_VOCAB)
         if shape == "tiny":
             make_tiny_qwen2(tmp, tmp, seed=seed)
         else:

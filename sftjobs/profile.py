@@ -19,9 +19,10 @@ from typing import Any
 import yaml
 
 from sftjobs.errors import SftjobsError
+from sftjobs.memory_plan import global_size_problem
 from sftjobs.resources import shipped_dir
 
-DEEPSPEED_CHOICES = ("none", "z0", "z2", "z2_offload", "z3", "z3_offload")
+DEEPSPEED_CHOICES = ("none", "z0", "z1", "z2", "z2_offload", "z3", "z3_offload", "auto")
 EXECUTOR_CHOICES = ("auto", "slurm", "local", "debug")
 SOURCE_CHOICES = ("hub", "path", "synthetic")
 SHAPE_CHOICES = ("sharegpt", "alpaca", "auto")
@@ -83,7 +84,8 @@ SCHEMA: dict[str, Key] = {
     "description": Key(str, ""),
     "extends": Key(OPT_STR, None, help="parent profile (name or path)"),
     "output_dir": Key(str, None, help="checkpoints; {run_id} in it gives every run its own folder"),
-    "deepspeed": Key(str, "none", _choice(DEEPSPEED_CHOICES)),
+    "deepspeed": Key(str, "none", _choice(DEEPSPEED_CHOICES),
+                     "ZeRO stage; auto: the fastest stage and recompute setting that fit (sftjobs/memory_plan.py)"),
     "model.source": Key(str, "hub", _choice(SOURCE_CHOICES)),
     "model.hub_id": Key(OPT_STR, None),
     "model.revision": Key(OPT_STR, None),
@@ -103,6 +105,9 @@ SCHEMA: dict[str, Key] = {
     "data.toy_samples": Key(int, 500, _at_least(1)),
     "data.max_bad_fraction": Key((int, float), 0.001, _fraction),
     "dry_run.max_samples": Key(int, 1000, _at_least(1)),
+    "batch.global_size": Key((int, type(None)), None, _at_least(1),
+                             "samples per optimizer step across all GPUs; null keeps the profile's "
+                             "per_device_train_batch_size x gradient_accumulation_steps"),
     "resources.executor": Key(str, "auto", _choice(EXECUTOR_CHOICES)),
     "resources.partition": Key(OPT_STR, None, _sbatch_token),
     "resources.account": Key(OPT_STR, None, _sbatch_token),
@@ -111,6 +116,8 @@ SCHEMA: dict[str, Key] = {
     "resources.nodes": Key(int, 1, _at_least(1)),
     "resources.gpus_per_node": Key(int, 1, _at_least(0)),
     "resources.max_gpus_per_node": Key(int, 8, _at_least(1), "GPUs one node of the cluster has"),
+    "resources.gpu_memory_gib": Key((int, float), 80, lambda v: None if v > 0 else "must be > 0",
+                                    "memory of one GPU, for deepspeed: auto"),
     "resources.cpus_per_task": Key(int, 8, _at_least(1)),
     "resources.mem": Key(OPT_STR, "64G", _mem),
     "resources.time": Key((str, int, type(None)), "24:00:00", _time),
@@ -122,6 +129,10 @@ SCHEMA: dict[str, Key] = {
     "launcher.python": Key(OPT_STR, None, help="python on the nodes (default: the one running sftjobs)"),
     "launcher.setup": Key(list, [], help="shell lines run before each step (module load, source venv)"),
     "launcher.master_port_base": Key(int, 20000, _at_least(1024)),
+    "speed.balance_ranks": Key(bool, False, help="spread each optimizer step's samples over the GPUs by length "
+                               "(the same samples per step; less waiting for the longest one)"),
+    "speed.per_sample_attention": Key(bool, False, help="neat_packing without flash-attn: causal SDPA per packed "
+                                      "sample instead of a 4D block-diagonal mask"),
     "train": Key(dict, {}, help="LLaMA-Factory keys, passed through"),
 }
 SECTIONS = {k.split(".")[0] for k in SCHEMA if "." in k}
@@ -130,7 +141,7 @@ SECTIONS = {k.split(".")[0] for k in SCHEMA if "." in k}
 MANAGED_TRAIN_KEYS = {
     "model_name_or_path": "model.source / model.hub_id / model.path",
     "output_dir": "output_dir (top level)",
-    "deepspeed": "deepspeed (top level: none, z2, z3, z3_offload, ...)",
+    "deepspeed": "deepspeed (top level: none, z1, z2, z3, z3_offload, auto, ...)",
     "dataset_dir": "data.dir",
     "dataset": "data.dataset",
     "overwrite_output_dir": "nothing: sftjobs never overwrites a run's output_dir, so restarts resume",
@@ -391,6 +402,8 @@ def _validate_relations(v: dict[str, Any], where: str) -> None:
     if v["deepspeed"] != "none" and res["gpus_per_node"] == 0:
         raise SftjobsError(f"{where}: deepspeed: {v['deepspeed']} needs GPUs but resources.gpus_per_node is 0. "
                            "Set deepspeed: none for a CPU run, or ask for GPUs.")
+    if problem := global_size_problem(v):
+        raise SftjobsError(f"{where}: {problem}.")
     if res["nodes"] > 1 and res["executor"] in ("local", "debug"):
         raise SftjobsError(f"{where}: resources.nodes is {res['nodes']} but the {res['executor']} executor runs on this "
                            "machine only. Use executor slurm (or auto on a Slurm cluster), or nodes: 1.")
@@ -407,6 +420,9 @@ def _validate_relations(v: dict[str, Any], where: str) -> None:
                            "dongguanting/ARPO-SFT-54K and final_5w4_still.jsonl.")
     if data["source"] == "path" and not data["path"]:
         raise SftjobsError(f"{where}: data.source path needs data.path (a JSONL or JSON file).")
+    if v["speed"]["per_sample_attention"] and not v["train"].get("neat_packing"):
+        raise SftjobsError(f"{where}: speed.per_sample_attention needs train.neat_packing: true (it keeps packed "
+                           "samples apart); set train.packing and train.neat_packing, or turn it off.")
     if v["train"].get("bf16") and res["gpus_per_node"] == 0:
         raise SftjobsError(f"{where}: train.bf16 is true but resources.gpus_per_node is 0; a CPU run needs bf16: false.")
 

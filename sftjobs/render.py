@@ -18,6 +18,7 @@ import yaml
 
 from sftjobs.errors import SftjobsError
 from sftjobs.fsutil import atomic_write_text
+from sftjobs.memory_plan import apply_plan, plan_memory
 from sftjobs.plan import Plan
 from sftjobs.profile import Profile
 from sftjobs.resources import shipped_dir
@@ -25,7 +26,8 @@ from sftjobs.resources import shipped_dir
 SHAREGPT_COLUMNS = {"messages": "conversations", "system": "system"}
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "system": "system"}
 DATASET_FILES = {"arpo_sft_54k": "arpo_sft_54k.jsonl", "arpo_sft_toy": "arpo_sft_toy.jsonl"}
-DEEPSPEED_STAGES = {"z0": (0, False), "z2": (2, False), "z2_offload": (2, True), "z3": (3, False), "z3_offload": (3, True)}
+DEEPSPEED_STAGES = {"z0": (0, False), "z1": (1, False), "z2": (2, False), "z2_offload": (2, True), "z3": (3, False),
+                    "z3_offload": (3, True)}
 EXECUTABLE = 0o755
 REGULAR = 0o644
 
@@ -130,14 +132,20 @@ def dataset_info(shape: str, data_dir: str) -> str:
 
 
 def render_files(profile: Profile, plan: Plan, run_dir: Path, run_id: str, base: Path | None = None) -> dict[str, str]:
-    """Every file of the run directory as text, keyed by path relative to the run directory."""
+    """Every file of the run directory as text, keyed by path relative to the run directory.
+
+    With deepspeed: auto or batch.global_size the memory plan decides the stage, gradient accumulation and
+    recompute of the rendered files (``run``); profile.yaml keeps the profile as written.
+    """
     base = base or Path.cwd()
     paths = RunPaths(profile, run_dir, base, run_id)
-    v = profile.values
+    memory = plan_memory(profile, paths.model_dir)
+    run = apply_plan(profile, memory)
+    v = run.values
     files: dict[str, str] = {}
     for target, name in (("full", "llamafactory/train.yaml"), ("dry_run", "llamafactory/dry_run.yaml")):
         text = render_template("llamafactory.yaml.j2", profile_name=profile.name, target=target,
-                               **training_config(profile, paths, target))
+                               **training_config(run, paths, target))
         yaml.safe_load(text)
         files[name] = text
     if v["deepspeed"] != "none":
@@ -156,10 +164,17 @@ def render_files(profile: Profile, plan: Plan, run_dir: Path, run_id: str, base:
             master_port_base=v["launcher"]["master_port_base"])
     files["profile.yaml"] = yaml.safe_dump(
         {"name": profile.name, "source": profile.source, "chain": profile.chain, "overrides": profile.overrides,
-         "config_hash": profile.config_hash(), "values": v}, sort_keys=False)
-    files["plan.json"] = json.dumps({"run_id": run_id, "config_hash": profile.config_hash(),
-                                     "paths": paths.to_dict(), **plan.to_dict()}, indent=2) + "\n"
+         "config_hash": profile.config_hash(), "values": profile.values}, sort_keys=False)
+    record = {"run_id": run_id, "config_hash": profile.config_hash(), "paths": paths.to_dict(), **plan.to_dict()}
+    if memory is not None:
+        record["memory_plan"] = memory
+    files["plan.json"] = json.dumps(record, indent=2) + "\n"
     return files
+
+
+def memory_plan_of(files: dict[str, str]) -> dict[str, Any] | None:
+    """The memory plan a rendered run carries in plan.json, if any."""
+    return json.loads(files["plan.json"]).get("memory_plan")
 
 
 def write_run_dir(files: dict[str, str], run_dir: Path) -> list[Path]:

@@ -12,9 +12,10 @@ from pathlib import Path
 from sftjobs import __version__
 from sftjobs.errors import SftjobsError
 from sftjobs.executors.base import Executor
+from sftjobs.memory_plan import summary_line
 from sftjobs.plan import Plan, build_plan
 from sftjobs.profile import Profile, load_profile
-from sftjobs.render import render_files, write_run_dir
+from sftjobs.render import memory_plan_of, render_files, write_run_dir
 from sftjobs.runs import new_run_id, read_manifest, write_manifest
 from sftjobs.runs import run_dir as run_dir_for
 from sftjobs.steps.preflight import library_versions  # metadata only: imports nothing heavy
@@ -87,6 +88,9 @@ def prepare(profile_ref: str, overrides: list[str], dry_run_first: bool, executo
 def preview(p: Prepared) -> str:
     lines = [f"# run {p.run_id} (not submitted): executor {p.executor_name} ({p.why})",
              f"# run directory would be {p.run_dir}"]
+    memory = memory_plan_of(p.files)
+    if memory is not None:
+        lines.append(f"# {summary_line(memory)}")
     return "\n".join(lines) + "\n" + p.executor.preview(p.plan, p.run_dir)
 
 
@@ -129,6 +133,9 @@ def submit(p: Prepared) -> dict:
         "versions": library_versions(), "files": sorted(p.files), "jobs": {}, "state": "submitting",
         "history": [],
     }
+    memory = memory_plan_of(p.files)
+    if memory is not None:
+        manifest["memory_plan"] = memory
     write_manifest(p.run_dir, manifest)
     try:
         manifest["jobs"] = p.executor.submit(p.plan, p.run_dir)

@@ -90,7 +90,7 @@ def test_disk_uses_the_train_steps_world_size(tmp_path):
     result = preflight.check_disk(ctx, n_params=3_090_000_000, rows=54500, free=lambda p: 10_000 * GiB)
     full = result["estimates"]["full"]
     assert full["world_size"] == 16  # 2 nodes x 8 GPUs, not the one-node preflight job
-    assert full["total_steps"] == training_steps(54500, 16, 1, 2, 3.0)
+    assert full["total_steps"] == training_steps(54500, 16, 1, 1, 3.0)  # batch.global_size 16 on 16 GPUs: ga 1
 
 
 # ----------------------------------------------------------------------------- versions
@@ -175,6 +175,17 @@ def test_missing_paths_are_all_listed(tmp_path):
     assert "arpo_sft_54k.jsonl does not exist" in result["error"] and "arpo_sft_toy.jsonl does not exist" in result["error"]
 
 
+def test_node_gpu_memory_against_what_deepspeed_auto_assumed():
+    assert preflight.gpu_memory_shortfall(80, [int(79.2 * GiB)] * 8) is None  # an "80 GB" H100 reports ~79.2 GiB
+    assert preflight.gpu_memory_shortfall(80, [80 * GiB, int(78.5 * GiB)]) is None  # within 2%
+    assert preflight.gpu_memory_shortfall(80, []) is None  # nothing to compare (the gpus check reports it)
+    short = preflight.gpu_memory_shortfall(80, [80 * GiB, int(39.5 * GiB)])  # the smallest GPU counts
+    assert "80 GiB" in short and "39.5 GiB" in short and "set resources.gpu_memory_gib: 39.5 and submit again" in short
+    failed = preflight.check_memory("z2", 3_085_938_688, 151936 * 2048, 8, 1, [40 * GiB] * 8, assumed_gib=80)
+    assert not failed["ok"] and "resources.gpu_memory_gib: 40" in failed["error"]
+    assert preflight.check_memory("z2", 0, 0, 8, 1, [80 * GiB] * 8, assumed_gib=80)["skipped"]  # no weights to size
+
+
 # ============================================================================= train tier
 
 ALL_RENDERED = [(p, t) for p in ("toy", "prod", "demo", "fast") for t in ("train.yaml", "dry_run.yaml")]
@@ -209,7 +220,7 @@ def test_llamafactory_rejects_a_bad_value(tmp_path):
 
 
 @pytest.mark.train
-@pytest.mark.parametrize("stage", ["z2", "z3", "z3_offload"])
+@pytest.mark.parametrize("stage", ["z1", "z2", "z3", "z3_offload"])
 def test_deepspeed_accepts_the_rendered_json_once_autos_are_resolved(tmp_path, stage):
     from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -245,6 +256,9 @@ def test_deepspeed_memory_estimates_match_upstream_facts():
     z3o = preflight.estimate_model_states("z3_offload", 3_090_000_000, 151936 * 2048, 8)
     assert round(z3["gpu_bytes"] / 2**30, 1) == 7.6
     assert round(z3o["gpu_bytes"] / 2**30, 1) == 1.2
+    z1 = preflight.estimate_model_states("z1", 3_090_000_000, 151936 * 2048, 8)
+    z2 = preflight.estimate_model_states("z2", 3_090_000_000, 151936 * 2048, 8)
+    assert z1["gpu_bytes"] - z2["gpu_bytes"] == pytest.approx(2 * 3_090_000_000 * 7 / 8, abs=2)  # unsharded grads
     ok = preflight.check_memory("z3_offload", 3_090_000_000, 151936 * 2048, 8, 1, [80 * GiB] * 8, host_bytes=512 * GiB)
     assert ok["ok"], ok
     too_big = preflight.check_memory("z2", 3_090_000_000, 151936 * 2048, 1, 1, [24 * GiB], host_bytes=512 * GiB)
@@ -325,6 +339,19 @@ def test_preflight_lists_every_failure(tmp_path, demo_assets, monkeypatch):
     assert f"transformers {versions['transformers']} here, 4.99.0 at submit" in text
     report = json.loads(ctx.report_path().read_text())
     assert report["checks"]["data"]["ok"]  # the other checks still ran
+
+
+@pytest.mark.train
+def test_preflight_fails_when_the_node_has_less_gpu_memory_than_auto_assumed(tmp_path, demo_assets, monkeypatch):
+    monkeypatch.setattr(preflight, "count_gpus", lambda: gpu_info(1, mem=40 * GiB))
+    ctx = demo_run(tmp_path, demo_assets, ["resources.gpus_per_node=1", "deepspeed=auto"])
+    assert ctx.memory_plan["mode"] == "auto" and ctx.memory_plan["inputs"]["gpu_memory_gib"] == 80
+    with pytest.raises(SftjobsError) as err:
+        preflight.run(ctx)
+    assert "set resources.gpu_memory_gib: 40 and submit again" in str(err.value)
+    report = json.loads(ctx.report_path().read_text())
+    assert not report["checks"]["memory"]["ok"]
+    assert report["checks"]["versions"]["ok"]  # deepspeed: auto resolved to the plan's stage
 
 
 @pytest.mark.train

@@ -26,6 +26,7 @@ class StepContext:
     profile: dict[str, Any]        # the resolved profile values (profile.yaml "values")
     config_hash: str
     manifest: dict[str, Any] = field(default_factory=dict)  # empty when rendered but not submitted
+    memory_plan: dict[str, Any] | None = None  # plan.json "memory_plan" (deepspeed: auto / batch.global_size)
 
     @classmethod
     def load(cls, run_dir: Path, step_name: str) -> "StepContext":
@@ -35,7 +36,8 @@ class StepContext:
         manifest_path = run_dir / "manifest.json"
         manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
         return cls(run_dir=run_dir, step=plan.step(step_name), plan=plan, paths=plan_data["paths"],
-                   profile=profile["values"], config_hash=profile["config_hash"], manifest=manifest)
+                   profile=profile["values"], config_hash=profile["config_hash"], manifest=manifest,
+                   memory_plan=plan_data.get("memory_plan"))
 
     # ---- where a step keeps its outputs inside the run directory
     @property

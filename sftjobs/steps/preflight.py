@@ -13,7 +13,8 @@ lists them all with what to change, so a user fixes everything in one round trip
                  (allow_extra_keys=False), the DeepSpeed JSON through DeepSpeedConfig with its "auto"
                  values resolved as transformers does
   disk           free space at each output_dir against the checkpoints the run will write
-  memory         DeepSpeed's model-state estimate for the chosen ZeRO stage against GPU memory
+  memory         DeepSpeed's model-state estimate for the chosen ZeRO stage against GPU memory; with
+                 deepspeed: auto, the node's GPU memory against the resources.gpu_memory_gib the plan assumed
   data           the first SAMPLE_ROWS rows through LLaMA-Factory's own loader, converter, template and
                  tokenizer; the longest sample's token count against cutoff_len
 
@@ -55,8 +56,11 @@ CHECKPOINT_BYTES_PER_PARAM = 16
 FINAL_MODEL_BYTES_PER_PARAM = 4  # the final export: 2 in bf16, 4 when saved in fp32 (upper bound)
 MEMORY_WARN_FRACTION = 0.8  # model states above this share of GPU memory leave little for activations
 
-DEEPSPEED_STAGES = {"none": (None, False), "z0": (0, False), "z2": (2, False), "z2_offload": (2, True),
-                    "z3": (3, False), "z3_offload": (3, True)}
+DEEPSPEED_STAGES = {"none": (None, False), "z0": (0, False), "z1": (1, False), "z2": (2, False),
+                    "z2_offload": (2, True), "z3": (3, False), "z3_offload": (3, True)}
+# deepspeed: auto planned for resources.gpu_memory_gib; a node this much smaller fails the memory check
+# (an "80 GiB" H100 reports ~79.2 GiB, which must pass).
+GPU_MEMORY_TOLERANCE = 0.02
 
 
 def _result(ok: bool, summary: str, warnings: list[str] | None = None, **details: Any) -> dict[str, Any]:
@@ -542,7 +546,8 @@ def estimate_model_states(deepspeed: str, n_params: int, largest: int, gpus_per_
 
     The *_all_cold functions only print a table; they call estimate_zero{2,3}_model_states_mem_needs for
     each option, which this calls for the one option the profile picked. ZeRO-3 assumes zero.Init (what
-    transformers uses under ZeRO-3). none / z0 shard nothing: the ZeRO-2 formula on one GPU.
+    transformers uses under ZeRO-3). none / z0 shard nothing: the ZeRO-2 formula on one GPU. ZeRO-1 has no
+    estimator of its own: the ZeRO-2 formula plus the bf16 gradients it does not shard.
     """
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
@@ -553,10 +558,13 @@ def estimate_model_states(deepspeed: str, n_params: int, largest: int, gpus_per_
             total_params=n_params, largest_layer_params=largest, num_gpus_per_node=gpus_per_node, num_nodes=nodes,
             cpu_offload=offload, cpu_offload_params=offload, zero_init=True)
         fn = "estimate_zero3_model_states_mem_needs"
-    elif stage == 2:
+    elif stage in (1, 2):
         cpu, gpu = estimate_zero2_model_states_mem_needs(
             total_params=n_params, num_gpus_per_node=gpus_per_node, num_nodes=nodes, cpu_offload=offload)
         fn = "estimate_zero2_model_states_mem_needs"
+        if stage == 1:
+            gpu += 2 * n_params * (1 - 1 / max(gpus_per_node * nodes, 1))
+            fn += " + unsharded bf16 gradients (ZeRO-1)"
     else:
         cpu, gpu = estimate_zero2_model_states_mem_needs(total_params=n_params, num_gpus_per_node=1, num_nodes=1,
                                                          cpu_offload=False)
@@ -580,10 +588,26 @@ def host_memory_bytes() -> int:
     return total
 
 
+def gpu_memory_shortfall(assumed_gib: float, gpu_memory: list[int]) -> str | None:
+    """What to change when the smallest GPU has less memory than deepspeed: auto planned for, else None."""
+    if not gpu_memory:
+        return None
+    actual = min(gpu_memory) / 2**30
+    if actual >= assumed_gib * (1 - GPU_MEMORY_TOLERANCE):
+        return None
+    fix = math.floor(actual * 10) / 10
+    return (f"deepspeed: auto chose the ZeRO stage and recompute for {assumed_gib:g} GiB GPUs "
+            f"(resources.gpu_memory_gib) but this node's GPUs have {actual:.1f} GiB, so the run would likely run out "
+            f"of memory: set resources.gpu_memory_gib: {fix:g} and submit again")
+
+
 def check_memory(deepspeed: str, n_params: int, largest: int, gpus_per_node: int, nodes: int,
-                 gpu_memory: list[int], host_bytes: int | None = None) -> dict[str, Any]:
+                 gpu_memory: list[int], host_bytes: int | None = None, assumed_gib: float | None = None) -> dict[str, Any]:
+    """``assumed_gib``: the GPU memory a deepspeed: auto plan assumed (checked against ``gpu_memory``)."""
     if gpus_per_node == 0:
         return _result(True, "skipped: CPU run (resources.gpus_per_node 0)", skipped=True)
+    if assumed_gib is not None and (short := gpu_memory_shortfall(assumed_gib, gpu_memory)):
+        return _result(False, short, error=short, assumed_gib=assumed_gib, gpu_memory_bytes=list(gpu_memory))
     if not n_params:
         return _result(True, "skipped: no parameter count (no usable safetensors weights, see paths)", skipped=True)
     est = estimate_model_states(deepspeed, n_params, largest, gpus_per_node, nodes)
@@ -722,6 +746,10 @@ def run(ctx) -> dict[str, Any]:
     node = ctx.step.resources  # this node's GPUs
     train_res = _train_step(ctx, "full").resources  # the training job's shape (nodes x GPUs)
     deepspeed = values.get("deepspeed", "none")
+    memory_plan = ctx.memory_plan or {}
+    if deepspeed == "auto":  # the stage the memory plan chose at render time (plan.json)
+        deepspeed = memory_plan.get("stage", "none")
+    assumed_gib = memory_plan["inputs"]["gpu_memory_gib"] if memory_plan.get("mode") == "auto" else None
     full_cfg = ctx.training_config("full")
     report: dict[str, Any] = {"step": ctx.step.name, "profile": ctx.plan.profile, "config_hash": ctx.config_hash,
                               "sample_rows": SAMPLE_ROWS, "checks": {}}
@@ -781,7 +809,7 @@ def run(ctx) -> dict[str, Any]:
 
     record("disk", disk)
     record("memory", lambda: check_memory(deepspeed, n_params, largest, train_res.gpus_per_node, train_res.nodes,
-                                          gpu_info.get("memory_bytes") or []),
+                                          gpu_info.get("memory_bytes") or [], assumed_gib=assumed_gib),
            advice="check that deepspeed is installed on the nodes")
     if paths["ok"]:
         record("data", lambda: check_data(full_cfg),
