@@ -4,7 +4,7 @@ being written when the job died is moved aside (never deleted, never picked up).
 import json
 from pathlib import Path
 
-from sftjobs.steps.train import llamafactory_command, newest_complete_checkpoint
+from sftjobs.steps.train import newest_complete_checkpoint, training_command
 
 
 def make_checkpoint(output: Path, step: int, complete: bool) -> Path:
@@ -27,7 +27,7 @@ def test_newest_complete_checkpoint_skips_one_interrupted_mid_save(tmp_path):
     assert not (out / "checkpoint-150").exists()
     aside = [p.name for p in out.iterdir() if p.name.startswith("incomplete-checkpoint-150")]
     assert len(aside) == 1 and (out / aside[0] / "model.safetensors").exists()  # kept, just out of the way
-    assert llamafactory_command(Path("/r/train.yaml"), chosen)[-1] == f"resume_from_checkpoint={chosen}"
+    assert training_command(Path("/r/train.yaml"), chosen, env={})[-1] == f"resume_from_checkpoint={chosen}"
 
 
 def test_no_checkpoint_means_a_fresh_start(tmp_path):
@@ -35,4 +35,29 @@ def test_no_checkpoint_means_a_fresh_start(tmp_path):
     out = tmp_path / "ck"
     make_checkpoint(out, 10, False)
     assert newest_complete_checkpoint(out, log=lambda *_: None) is None
-    assert not any(a.startswith("resume_from_checkpoint") for a in llamafactory_command(Path("/r/t.yaml"), None))
+    assert not any(a.startswith("resume_from_checkpoint") for a in training_command(Path("/r/t.yaml"), None, env={}))
+
+
+def test_training_command_single_process_and_torchrun():
+    single = training_command(Path("/r/t.yaml"), None, env={}, python="/py")
+    assert single == ["/py", "-m", "sftjobs.steps.lf_train", "/r/t.yaml"]
+    env = {"FORCE_TORCHRUN": "1", "NNODES": "2", "NODE_RANK": "1", "NPROC_PER_NODE": "8",
+           "MASTER_ADDR": "node-a", "MASTER_PORT": "21234"}
+    dist = training_command(Path("/r/t.yaml"), Path("/ck/checkpoint-7"), {"balance_ranks": True},
+                            Path("/run/monitor/allocator/train-h"), env=env, python="/py")
+    assert dist[:3] == ["/py", "-m", "torch.distributed.run"]
+    flags = dict(zip(dist[3:13:2], dist[4:13:2], strict=True))
+    assert flags == {"--nnodes": "2", "--node_rank": "1", "--nproc_per_node": "8", "--master_addr": "node-a",
+                     "--master_port": "21234"}
+    assert dist[13:] == ["-m", "sftjobs.steps.lf_train", "--balance-ranks", "--memory-log",
+                         "/run/monitor/allocator/train-h", "/r/t.yaml", "resume_from_checkpoint=/ck/checkpoint-7"]
+    # more than one process per node means torchrun even without FORCE_TORCHRUN, as llamafactory-cli decides
+    assert "torch.distributed.run" in training_command(Path("/r/t.yaml"), None, env={"NPROC_PER_NODE": "2"})
+
+
+def test_launch_env_keeps_llamafactory_cli_defaults_and_user_choices():
+    from sftjobs.steps.train import launch_env
+
+    assert launch_env({})["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert launch_env({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"})["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
+    assert "TORCH_NCCL_AVOID_RECORD_STREAMS" not in launch_env({"OPTIM_TORCH": "0"})

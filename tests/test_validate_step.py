@@ -341,3 +341,31 @@ def test_truncated_weights_fail_to_load(tmp_path, tiny_model):
         validate.run(ctx)
     assert "does not load with transformers" in str(err.value)
     assert not (run_dir / "handoff.json").exists()
+
+
+def test_memory_is_judged_on_allocated_memory_when_the_trainer_logged_it(tmp_path):
+    """nvidia-smi grows when the caching allocator keeps blocks for the longest samples; the memory allocated
+    between steps (what lf_train logs per process) is what a leak would move."""
+    from sftjobs.steps.validate import allocator_files, estimate_vs_measured, memory_check
+
+    def write(path, used):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"time": i, "gpus": [{"index": 0, "mem_used_mib": u, "peak_alloc_mib": u + 9000}]})
+                                + "\n" for i, u in enumerate(used)))
+
+    smi = tmp_path / "monitor" / "dry_run-node1.jsonl"
+    write(smi, [40000, 60000, 64000, 66000, 80000, 82000])  # the allocator's cache growing
+    steady = tmp_path / "monitor" / "allocator" / "dry_run-node1-rank0.jsonl"
+    write(steady, [30000, 30010, 30005, 30012, 30008, 30011])
+    assert allocator_files(tmp_path, "dry_run") == [steady] and allocator_files(tmp_path, "train") == []
+    only_smi = memory_check([smi], [])
+    assert not only_smi["ok"] and only_smi["basis"] == "nvidia-smi memory.used"
+    judged = memory_check([smi], [steady])
+    assert judged["ok"] and "allocated" in judged["basis"] and "not a leak" in judged["note"]
+    assert judged["peak_allocated_mib"] == 39012 and not judged["nvidia_smi"]["ok"]
+    leaking = tmp_path / "monitor" / "allocator" / "dry_run-node1-rank1.jsonl"
+    write(leaking, [30000, 31000, 33000, 36000, 40000, 45000])
+    assert not memory_check([smi], [steady, leaking])["ok"]
+    plan = {"stage": "z1", "recompute": False, "candidates": [{"stage": "z1", "recompute": False, "allocated_gib": 64.1}]}
+    assert estimate_vs_measured(plan, 39012) == {"memory_plan_allocated_gib": 64.1, "measured_peak_allocated_gib": 38.1}
+    assert estimate_vs_measured(None, 39012) == {}

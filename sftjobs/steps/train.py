@@ -1,4 +1,6 @@
-"""The train step: ``llamafactory-cli train`` with the run's YAML, resuming from the newest complete checkpoint.
+"""The train step: LLaMA-Factory's training (sftjobs.steps.lf_train: its run_exp(), as ``llamafactory-cli train``
+runs it, plus sftjobs' speed.* additions) with the run's YAML, resuming from the newest complete checkpoint.
+Distributed runs go through torchrun exactly as ``FORCE_TORCHRUN=1 llamafactory-cli train`` would start them.
 
 Restarts (requeue, preemption, time limit) land here again: a checkpoint that was being written when the job
 died has no trainer_state.json yet, so it is moved aside (never deleted) and the one before it is used.
@@ -8,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -52,12 +53,43 @@ def newest_complete_checkpoint(output_dir: Path, log=print) -> Path | None:
     return None
 
 
-def llamafactory_command(config: Path, resume: Path | None) -> list[str]:
-    cli = shutil.which("llamafactory-cli") or str(Path(sys.executable).with_name("llamafactory-cli"))
-    command = [cli, "train", str(config)]
+def is_distributed(env: dict[str, str]) -> bool:
+    """llamafactory-cli's rule: torchrun when FORCE_TORCHRUN is set or more than one process is asked for."""
+    forced = env.get("FORCE_TORCHRUN", "").lower() in ("1", "true", "y", "yes")
+    return forced or int(env.get("NPROC_PER_NODE", "1") or 1) > 1 or int(env.get("NNODES", "1") or 1) > 1
+
+
+def launch_env(env: dict[str, str]) -> dict[str, str]:
+    """llamafactory-cli's torchrun environment (its OPTIM_TORCH defaults), unless the user set them."""
+    env = dict(env)
+    if env.get("OPTIM_TORCH", "1").lower() in ("1", "true", "y", "yes"):
+        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+        env.setdefault("TORCH_NCCL_AVOID_RECORD_STREAMS", "1")
+    return env
+
+
+def training_command(config: Path, resume: Path | None, speed: dict | None = None, memory_log: Path | None = None,
+                     env: dict[str, str] | None = None, python: str | None = None) -> list[str]:
+    """The command the train step runs on each node (as a list: nothing goes through a shell)."""
+    env = os.environ if env is None else env
+    python = python or sys.executable
+    speed = speed or {}
+    entry = ["-m", "sftjobs.steps.lf_train"]
+    if speed.get("balance_ranks"):
+        entry.append("--balance-ranks")
+    if speed.get("per_sample_attention"):
+        entry.append("--per-sample-attention")
+    if memory_log is not None:
+        entry += ["--memory-log", str(memory_log)]
+    entry.append(str(config))
     if resume is not None:
-        command.append(f"resume_from_checkpoint={resume}")
-    return command
+        entry.append(f"resume_from_checkpoint={resume}")
+    if not is_distributed(env):
+        return [python, *entry]
+    torchrun = [python, "-m", "torch.distributed.run", "--nnodes", env.get("NNODES", "1"),
+                "--node_rank", env.get("NODE_RANK", "0"), "--nproc_per_node", env.get("NPROC_PER_NODE", "1"),
+                "--master_addr", env.get("MASTER_ADDR", "127.0.0.1"), "--master_port", env.get("MASTER_PORT", "29500")]
+    return [*torchrun, *entry]
 
 
 def run(ctx: StepContext) -> None:
@@ -68,15 +100,16 @@ def run(ctx: StepContext) -> None:
         # every node must pass the same resume flag: read what the checkpoints say, do not move anything
         complete = [p for _, p in checkpoints(output_dir) if is_complete_checkpoint(p)]
         resume = complete[-1] if complete else None
-    command = llamafactory_command(config, resume)
     log_dir = ctx.run_dir / "logs" / ctx.step.name
     log_dir.mkdir(parents=True, exist_ok=True)
+    memory_log = ctx.run_dir / "monitor" / "allocator" / f"{ctx.step.name}-{socket.gethostname()}"
+    command = training_command(config, resume, ctx.profile.get("speed"), memory_log)
     training_log = log_dir / ("training.log" if ctx.node_rank == 0 else f"training.node{ctx.node_rank}.log")
     ctx.log(("resuming from " + str(resume)) if resume else f"starting {ctx.step.target} training into {output_dir}")
     ctx.log("$ " + " ".join(command) + f"  (log: {training_log})")
     monitor = ctx.run_dir / "monitor" / f"{ctx.step.name}-{socket.gethostname()}.jsonl"
     with open(training_log, "ab") as log_handle:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy())
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=launch_env(os.environ))
         with Sampler(monitor, process.pid, output_dir):
             assert process.stdout is not None
             for chunk in iter(lambda: process.stdout.readline(), b""):
@@ -87,5 +120,5 @@ def run(ctx: StepContext) -> None:
             code = process.wait()
     if code != 0:
         tail = training_log.read_text(errors="replace").strip().splitlines()[-5:]
-        raise SftjobsError(f"llamafactory-cli train exited with {code}. Last lines of {training_log}:\n  " + "\n  ".join(tail))
+        raise SftjobsError(f"LLaMA-Factory training exited with {code}. Last lines of {training_log}:\n  " + "\n  ".join(tail))
     ctx.log(f"training finished; outputs in {output_dir}")

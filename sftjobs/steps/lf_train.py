@@ -1,0 +1,238 @@
+"""What every training process runs: LLaMA-Factory's own ``run_exp()`` (what ``llamafactory-cli train CFG.yaml``
+runs) with sftjobs' in-process additions.
+
+    python -m sftjobs.steps.lf_train [--balance-ranks] [--per-sample-attention] [--memory-log PREFIX] CFG.yaml [key=value ...]
+
+The train step starts it under torchrun on each node (as ``FORCE_TORCHRUN=1 llamafactory-cli train`` would);
+the YAML and key=value overrides are read by LLaMA-Factory's own parser, unchanged.
+
+  --balance-ranks         each optimizer step's samples are spread over the GPUs by length (rank_balance.py);
+                          the samples of every step stay the ones the trainer's random order gives
+  --per-sample-attention  causal SDPA per packed sample where flash-attn is missing (per_sample_attention.py)
+  always                  a batch of one unpacked row is not padded to a multiple of 8, so SDPA keeps its causal
+                          flash kernel (install_unpadded_single_rows)
+  --memory-log PREFIX     every logging step, each rank appends its CUDA allocator numbers to PREFIX-rank<R>.jsonl:
+                          memory allocated between steps (model states + anything that leaks), the peak allocated
+                          since the last line, and what the caching allocator holds (what nvidia-smi shows)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sftjobs.steps import rank_balance
+
+LENGTH_SLICE = 4096  # rows per Arrow slice when reading token counts
+
+
+def log(message: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[sftjobs train] {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- length-balanced sampler
+
+
+def token_lengths(dataset) -> list[int] | None:
+    """Tokens per row of a tokenized datasets.Dataset, read column-wise in Arrow slices (no Python lists of
+    token ids); None for datasets without input_ids or without a length (streaming)."""
+    try:
+        n = len(dataset)
+    except TypeError:
+        return None
+    if "input_ids" not in getattr(dataset, "column_names", []):
+        return None
+    import pyarrow.compute as pc
+
+    ids = dataset.select_columns(["input_ids"]).with_format("arrow")
+    lengths: list[int] = []
+    for start in range(0, n, LENGTH_SLICE):
+        table = ids[start:start + LENGTH_SLICE]
+        lengths.extend(pc.list_value_length(table.column("input_ids")).to_pylist())
+    return lengths
+
+
+def make_balanced_sampler_class():
+    import torch
+
+    class BalancedSampler(torch.utils.data.Sampler):
+        """The base sampler's order, reordered inside each optimizer step (rank_balance.balanced_order)."""
+
+        def __init__(self, base, lengths, world: int, per_device: int, accum: int, layout: str):
+            self.base, self.lengths = base, lengths
+            self.world, self.per_device, self.accum, self.layout = world, per_device, accum, layout
+
+        def __len__(self) -> int:
+            return len(self.base)
+
+        def __iter__(self):
+            base = list(iter(self.base))
+            order = list(rank_balance.balanced_order(base, self.lengths, self.world, self.per_device, self.accum,
+                                                     self.layout))
+            if not getattr(self, "reported", False):
+                self.reported = True
+                log("balance ranks: " + json.dumps(rank_balance.summary(base, order, self.lengths, self.world,
+                                                                        self.per_device, self.accum)))
+            yield from order
+
+        def set_epoch(self, epoch: int) -> None:  # accelerate forwards the epoch: the base reshuffles by it
+            if hasattr(self.base, "set_epoch"):
+                self.base.set_epoch(epoch)
+
+    return BalancedSampler
+
+
+def seedable_base(trainer, sampler):
+    """What accelerate would turn the trainer's RandomSampler into (same seed, same epochs), so the balanced
+    order regroups exactly the steps an unbalanced run would train on."""
+    from torch.utils.data import RandomSampler
+
+    config = getattr(trainer.accelerator, "dataloader_config", None)
+    if type(sampler) is not RandomSampler or not getattr(config, "use_seedable_sampler", False):
+        return sampler
+    from accelerate.data_loader import SeedableRandomSampler
+
+    return SeedableRandomSampler(data_source=sampler.data_source, replacement=sampler.replacement,
+                                 num_samples=sampler._num_samples, generator=sampler.generator,
+                                 data_seed=config.data_seed)
+
+
+def zero_stage(trainer) -> int | None:
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return getattr(plugin, "zero_stage", None) if plugin is not None else None
+
+
+def install_balanced_sampler() -> None:
+    from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
+
+    original = CustomSeq2SeqTrainer._get_train_sampler
+    BalancedSampler = make_balanced_sampler_class()
+
+    def _get_train_sampler(self, *args, **kwargs):
+        sampler = original(self, *args, **kwargs)
+        dataset = args[0] if args else kwargs.get("train_dataset") or self.train_dataset
+        if sampler is None or dataset is None:
+            return sampler
+        lengths = token_lengths(dataset)
+        if lengths is None:
+            log("balance ranks: the training set has no token lengths (streaming?); keeping the trainer's order")
+            return sampler
+        world = self.accelerator.num_processes
+        stage = zero_stage(self)
+        layout = rank_balance.layout_for_zero_stage(stage)
+        per_device, accum = self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps
+        log(f"balance ranks: {len(lengths)} rows, {world} ranks x {per_device} x ga {accum}, "
+            f"layout {layout} (ZeRO stage {stage})")
+        return BalancedSampler(seedable_base(self, sampler), lengths, world, per_device, accum, layout)
+
+    CustomSeq2SeqTrainer._get_train_sampler = _get_train_sampler
+
+
+# ----------------------------------------------------------------------------- single rows unpadded
+
+
+def install_unpadded_single_rows() -> None:
+    """A batch of one unpacked row is not padded to a multiple of 8.
+
+    LLaMA-Factory's collator pads every batch to a multiple of 8 (for shift-short attention, which sftjobs does
+    not use). With bs 1 that adds up to 7 pad tokens to the row, so transformers can no longer drop the mask:
+    it builds an L x L boolean mask, and SDPA then runs its memory-efficient kernel over the whole square
+    instead of the causal flash kernel (bench/README.md: attention was ~24% of a prod step on H200). The pad
+    tokens carry no labels and no real token attends to them (causal, right padding), so the loss and the
+    gradients are those of the padded row.
+    """
+    from llamafactory.data.collator import SFTDataCollatorWith4DAttentionMask as Collator
+
+    call = Collator.__call__
+
+    def _call(self, features):
+        if len(features) != 1 or self.neat_packing or self.block_diag_attn or self.pad_to_multiple_of is None:
+            return call(self, features)
+        multiple, self.pad_to_multiple_of = self.pad_to_multiple_of, None
+        try:
+            return call(self, features)
+        finally:
+            self.pad_to_multiple_of = multiple
+
+    Collator.__call__ = _call
+
+
+# ----------------------------------------------------------------------------- allocator memory log
+
+
+def make_memory_callback(prefix: str):
+    import torch
+    from transformers import TrainerCallback
+
+    class MemoryLog(TrainerCallback):
+        """Per logging step: allocated between steps, peak allocated since the last line, reserved."""
+
+        def __init__(self):
+            rank = int(os.environ.get("RANK", "0"))
+            self.path = Path(f"{prefix}-rank{rank}.jsonl")
+            self.device = None
+
+        def _write(self, state) -> None:
+            if not torch.cuda.is_available():
+                return
+            device = torch.cuda.current_device()
+            mib = 2 ** 20
+            gpu = {"index": int(os.environ.get("LOCAL_RANK", device)),
+                   "mem_used_mib": round(torch.cuda.memory_allocated(device) / mib, 1),
+                   "peak_alloc_mib": round(torch.cuda.max_memory_allocated(device) / mib, 1),
+                   "reserved_mib": round(torch.cuda.memory_reserved(device) / mib, 1)}
+            torch.cuda.reset_peak_memory_stats(device)
+            line = {"time": time.time(), "step": state.global_step, "host": socket.gethostname(),
+                    "source": "torch.cuda allocator", "gpus": [gpu]}
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(line) + "\n")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            every = max(1, int(args.logging_steps or 1))
+            if state.global_step % every == 0 or state.global_step >= state.max_steps:
+                self._write(state)
+
+    return MemoryLog()
+
+
+# ----------------------------------------------------------------------------- entry
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m sftjobs.steps.lf_train", description=__doc__.splitlines()[0])
+    parser.add_argument("--balance-ranks", action="store_true")
+    parser.add_argument("--per-sample-attention", action="store_true")
+    parser.add_argument("--memory-log", metavar="PREFIX")
+    parser.add_argument("config", help="LLaMA-Factory training YAML")
+    parser.add_argument("overrides", nargs="*", help="key=value, as llamafactory-cli takes them")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    opts = parse_args(sys.argv[1:] if argv is None else argv)
+    callbacks: list[Any] = []
+    install_unpadded_single_rows()
+    if opts.balance_ranks:
+        install_balanced_sampler()
+    if opts.per_sample_attention:
+        from sftjobs.steps import per_sample_attention
+
+        per_sample_attention.install(log=log)
+    if opts.memory_log:
+        callbacks.append(make_memory_callback(opts.memory_log))
+    from llamafactory.train.tuner import run_exp
+
+    sys.argv = [sys.argv[0], opts.config, *opts.overrides]  # LLaMA-Factory's read_args() parses sys.argv
+    run_exp(callbacks=callbacks)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""sftjobs' training entry (sftjobs.steps.lf_train) through the real LLaMA-Factory on the CPU: the
+length-balanced order trains exactly the steps the trainer's own order trains (two ranks, torchrun, gloo), and
+per-sample attention gives what LLaMA-Factory's 4D block-diagonal mask gives, unlike plain packing."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from sftjobs import demo_assets
+
+pytestmark = pytest.mark.train
+
+
+@pytest.fixture(scope="module")
+def lf_setup(tmp_path_factory):
+    pytest.importorskip("llamafactory")
+    root = tmp_path_factory.mktemp("lf_train")
+    data = demo_assets.make_synthetic_arpo(root / "base.jsonl", 200)
+    model = demo_assets.make_demo_model(root / "model", data, log=lambda _: None)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    for i, row in enumerate(rows):  # lengths from ~150 to ~900 tokens, so the order matters
+        row["conversations"][-1]["value"] = " ".join([row["conversations"][-1]["value"]] * (1 + i % 6))
+    varied = root / "varied.jsonl"
+    varied.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "dataset_info.json").write_text(json.dumps({"arpo_sft_toy": {
+        "file_name": str(varied), "formatting": "sharegpt", "columns": {"messages": "conversations", "system": "system"}}}))
+    (root / "train.yaml").write_text(textwrap.dedent(f"""\
+        model_name_or_path: {model}
+        stage: sft
+        do_train: true
+        finetuning_type: full
+        dataset_dir: {root}
+        dataset: arpo_sft_toy
+        template: qwen
+        cutoff_len: 1024
+        max_samples: 200
+        preprocessing_num_workers: 1
+        logging_steps: 1
+        save_steps: 1000
+        per_device_train_batch_size: 1
+        gradient_accumulation_steps: 2
+        learning_rate: 5.0e-3
+        max_steps: 6
+        lr_scheduler_type: constant
+        bf16: false
+        use_cpu: true
+        report_to: none
+        """))
+    return root
+
+
+def train(root, name, *args, ranks=1, port=29641):
+    entry = [sys.executable, "-m", "sftjobs.steps.lf_train", *[a for a in args if a.startswith("--")],
+             str(root / "train.yaml"), f"output_dir={root / name}", *[a for a in args if not a.startswith("--")]]
+    if ranks > 1:
+        entry[1:1] = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(port)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "WANDB_DISABLED": "true"}
+    proc = subprocess.run(entry, capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = [json.loads(line) for line in (root / name / "trainer_log.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in log if "loss" in r], proc.stderr
+
+
+def close(a, b, tol=1e-4):
+    return len(a) == len(b) and all(abs(x - y) <= tol * max(1.0, abs(y)) for x, y in zip(a, b, strict=True))
+
+
+def test_balanced_order_trains_the_same_steps_on_two_ranks(lf_setup):
+    plain, _ = train(lf_setup, "plain", ranks=2, port=29641)
+    balanced, err = train(lf_setup, "balanced", "--balance-ranks", ranks=2, port=29642)
+    reseeded, _ = train(lf_setup, "reseeded", "seed=7", ranks=2, port=29643)
+    assert len(plain) == 6
+    assert close(balanced, plain), (balanced, plain)  # same samples per step -> same updates, same losses
+    assert not close(reseeded, plain)                 # other steps do show up in these losses
+    found = re.search(r"\[sftjobs train\] balance ranks: (\{.*?\})", err)  # tqdm may share its line
+    assert found, err[-3000:]
+    summary = json.loads(found.group(1))
+    # no DeepSpeed: one gradient sync per step, so the slowest rank's token total is what is balanced
+    assert "layout ranks" in err
+    assert summary["max_rank_tokens_after"] < 0.95 * summary["max_rank_tokens_before"], summary
+
+
+def test_per_sample_attention_matches_the_block_diagonal_mask(lf_setup):
+    packed = ["packing=true", "cutoff_len=2048", "gradient_accumulation_steps=1", "max_steps=4"]
+    mask, _ = train(lf_setup, "neat_mask", *packed, "neat_packing=true", f"tokenized_path={lf_setup / 'tok_neat'}")
+    per_sample, err = train(lf_setup, "neat_per_sample", "--per-sample-attention", *packed, "neat_packing=true",
+                            f"tokenized_path={lf_setup / 'tok_neat'}")
+    crossing, _ = train(lf_setup, "plain_packing", *packed, "neat_packing=false", f"tokenized_path={lf_setup / 'tok_plain'}")
+    assert "registered sftjobs_per_sample_sdpa" in err
+    assert close(per_sample, mask), (per_sample, mask)
+    assert not close(crossing, mask, tol=1e-3)  # attention across samples is measurably different
+
+
+def test_per_sample_sdpa_equals_a_block_diagonal_causal_mask():
+    torch = pytest.importorskip("torch")
+    from sftjobs.steps.per_sample_attention import per_sample_sdpa, sample_bounds
+
+    torch.manual_seed(0)
+    lengths = [5, 9, 3, 7]
+    total = sum(lengths)
+    q = torch.randn(1, 4, total, 8)
+    k, v = torch.randn(1, 2, total, 8), torch.randn(1, 2, total, 8)
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    assert sample_bounds(position_ids, 1, total) == [[0, 5, 14, 17, 24]]
+    out, _ = per_sample_sdpa(None, q, k, v, None, position_ids=position_ids)
+    segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    allowed = (segment[:, None] == segment[None, :]) & torch.ones(total, total, dtype=torch.bool).tril()
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                           attn_mask=allowed[None, None])
+    assert torch.allclose(out, ref.transpose(1, 2), atol=1e-5)
+    crossing = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                                is_causal=True)
+    assert not torch.allclose(out, crossing.transpose(1, 2), atol=1e-3)
+
+
+def test_the_entry_trains_as_llamafactory_cli_does(lf_setup):
+    """Same YAML, stock `llamafactory-cli train` vs sftjobs' entry (which leaves one-row batches unpadded, so
+    SDPA gets no mask): the same losses."""
+    import shutil
+    from pathlib import Path
+
+    cli = shutil.which("llamafactory-cli") or str(Path(sys.executable).parent / "llamafactory-cli")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "WANDB_DISABLED": "true"}
+    proc = subprocess.run([cli, "train", str(lf_setup / "train.yaml"), f"output_dir={lf_setup / 'stock'}"],
+                          capture_output=True, text=True, env=env, cwd=lf_setup, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stock = [json.loads(line)["loss"] for line in (lf_setup / "stock" / "trainer_log.jsonl").read_text().splitlines()
+             if '"loss"' in line]
+    ours, _ = train(lf_setup, "entry")
+    assert len(stock) == 6 and close(ours, stock), (ours, stock)
+
+
+def test_one_row_batches_reach_sdpa_without_a_mask(lf_setup):
+    """LLaMA-Factory pads every batch to a multiple of 8; for one row that forces an L x L mask (and SDPA's
+    memory-efficient kernel on GPUs). The entry's collator leaves the row unpadded, so transformers drops the mask."""
+    torch = pytest.importorskip("torch")
+    from llamafactory.data.collator import SFTDataCollatorWith4DAttentionMask
+    from llamafactory.data.template import TEMPLATES
+    from transformers import AutoTokenizer
+
+    from sftjobs.steps.lf_train import install_unpadded_single_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(lf_setup / "model")
+    features = [{"input_ids": list(range(5, 18)), "attention_mask": [1] * 13, "labels": list(range(5, 18))}]
+    collate = SFTDataCollatorWith4DAttentionMask(tokenizer=tokenizer, template=TEMPLATES["qwen"], pad_to_multiple_of=8,
+                                                 label_pad_token_id=-100, compute_dtype=torch.float32)
+    padded = collate([dict(f) for f in features])
+    assert padded["input_ids"].shape[1] == 16 and not bool(padded["attention_mask"].all())
+    original = SFTDataCollatorWith4DAttentionMask.__call__
+    try:
+        install_unpadded_single_rows()
+        one = collate([dict(f) for f in features])
+        assert one["input_ids"].shape[1] == 13 and bool(one["attention_mask"].all())
+        two = collate([dict(f) for f in features] * 2)  # a real batch still pads as LLaMA-Factory does
+        assert two["input_ids"].shape[1] == 16
+    finally:
+        SFTDataCollatorWith4DAttentionMask.__call__ = original

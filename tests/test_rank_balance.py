@@ -1,0 +1,79 @@
+"""The length-balanced order: every optimizer step keeps exactly its samples; only the GPU that computes each
+one changes, and the slowest GPU of a step gets less to do."""
+
+import random
+
+import pytest
+
+from sftjobs.steps import rank_balance as rb
+
+
+def lognormal_lengths(n, seed=0):
+    rng = random.Random(seed)
+    return [min(15000, max(64, int(rng.lognormvariate(8.0, 0.7)))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("layout", rb.LAYOUTS)
+@pytest.mark.parametrize("world,per_device,accum", [(8, 1, 2), (4, 1, 4), (2, 2, 2), (1, 1, 4), (3, 2, 1)])
+def test_each_step_keeps_its_samples(layout, world, per_device, accum):
+    lengths = lognormal_lengths(1003)
+    base = list(range(len(lengths)))
+    random.Random(1).shuffle(base)
+    order = list(rb.balanced_order(base, lengths, world, per_device, accum, layout))
+    chunk = world * per_device * accum
+    assert sorted(order) == sorted(base)
+    full = len(base) - len(base) % chunk
+    for start in range(0, full, chunk):
+        assert set(order[start:start + chunk]) == set(base[start:start + chunk])
+    assert order[full:] == base[full:]  # a last partial step keeps the trainer's order
+
+
+def test_rounds_layout_puts_similar_lengths_in_one_micro_step():
+    world, per_device, accum = 8, 1, 2
+    lengths = lognormal_lengths(1600, seed=2)
+    base = list(range(len(lengths)))
+    random.Random(3).shuffle(base)
+    order = list(rb.balanced_order(base, lengths, world, per_device, accum, "rounds"))
+    before = rb.step_loads(base, lengths, world, per_device, accum)
+    after = rb.step_loads(order, lengths, world, per_device, accum)
+    for b, a in zip(before, after, strict=True):
+        # sorted rounds minimise the sum of the micro-steps' longest samples: never worse, step by step
+        assert sum(a["micro_longest"]) <= sum(b["micro_longest"])
+        assert a["micro_longest"] == sorted(a["micro_longest"], reverse=True)
+    gain = sum(sum(s["micro_longest"]) for s in before) / sum(sum(s["micro_longest"]) for s in after)
+    assert gain > 1.15, gain
+
+
+def test_ranks_layout_evens_out_per_rank_totals():
+    world, per_device, accum = 8, 1, 2
+    lengths = lognormal_lengths(1600, seed=4)
+    base = list(range(len(lengths)))
+    random.Random(5).shuffle(base)
+    order = list(rb.balanced_order(base, lengths, world, per_device, accum, "ranks"))
+    before = rb.step_loads(base, lengths, world, per_device, accum)
+    after = rb.step_loads(order, lengths, world, per_device, accum)
+    mean_max = lambda loads: sum(max(s["rank_tokens"]) for s in loads) / len(loads)  # noqa: E731
+    assert mean_max(before) / mean_max(after) > 1.15
+    summary = rb.summary(base, order, lengths, world, per_device, accum)
+    assert summary["steps"] == 100 and summary["max_rank_tokens_after"] < summary["max_rank_tokens_before"]
+
+
+def test_every_rank_gets_its_share_of_samples():
+    lengths = [1] * 7 + [10_000]  # one huge sample must not pull extra samples to the other ranks' side
+    for layout in rb.LAYOUTS:
+        order = rb.balance_chunk(list(range(8)), lengths, world=2, per_device=2, accum=2, layout=layout)
+        loads = rb.step_loads(order, lengths, 2, 2, 2)[0]
+        assert len(order) == 8 and sorted(order) == list(range(8))
+        assert sorted(loads["rank_tokens"]) == [4, 10_003]  # 4 samples each, the huge one among them
+
+
+def test_layout_follows_how_gradients_are_synchronised():
+    assert rb.layout_for_zero_stage(3) == "rounds" and rb.layout_for_zero_stage(2) == "rounds"
+    assert rb.layout_for_zero_stage(1) == "ranks" and rb.layout_for_zero_stage(None) == "ranks"
+
+
+def test_a_wrong_chunk_size_is_refused():
+    with pytest.raises(ValueError):
+        rb.balance_chunk([0, 1, 2], [1, 2, 3], world=2, per_device=1, accum=2)
+    with pytest.raises(ValueError):
+        rb.balance_chunk([0, 1], [1, 2], world=2, per_device=1, accum=1, layout="zigzag")
