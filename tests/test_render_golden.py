@@ -69,10 +69,22 @@ def test_prod_resources_and_deepspeed(in_tmp):
     train = next(s for s in plan["steps"] if s["name"] == "train")
     assert train["resources"]["nodes"] == 1 and train["resources"]["gpus_per_node"] == 8
     assert train["after"] == ["validate_dry_run"]
+    # deepspeed: auto -> the memory plan for 8 x 80 GiB, cutoff 15000, Liger: ZeRO-1 without recompute
+    memory = plan["memory_plan"]
+    assert (memory["stage"], memory["recompute"]) == ("z1", False)
+    assert memory["inputs"]["world"] == 8 and memory["inputs"]["gpu_memory_gib"] == 80
+    assert memory["global_batch"] == 16 and memory["gradient_accumulation_steps"] == 2
     ds = json.loads(files["deepspeed.json"])
-    assert ds["zero_optimization"]["stage"] == 3
-    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
-    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["zero_optimization"]["stage"] == 1 and "offload_optimizer" not in ds["zero_optimization"]
+    assert yaml.safe_load(files["llamafactory/train.yaml"])["disable_gradient_checkpointing"] is True
+    # the plan's own config stays one --set file away (bench item A)
+    sets = [line for line in (REPO / "bench" / "plan_config.sets").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    plan_files = render_files(load_profile("prod", sets), build_plan(load_profile("prod", sets)), Path("/RUN"), "p",
+                              base=Path("/BASE"))
+    plan_ds = json.loads(plan_files["deepspeed.json"])["zero_optimization"]
+    assert plan_ds["stage"] == 3 and plan_ds["offload_optimizer"]["device"] == "cpu"
+    assert plan_ds["offload_param"]["device"] == "cpu" and "memory_plan" not in json.loads(plan_files["plan.json"])
     toy_ds = json.loads(render("toy", dry_run_first=False)["deepspeed.json"])
     assert toy_ds["zero_optimization"]["stage"] == 2 and "offload_optimizer" not in toy_ds["zero_optimization"]
     assert 'NPROC_PER_NODE=8' in files["steps/train.sh"] and "FORCE_TORCHRUN=1" in files["steps/train.sh"]

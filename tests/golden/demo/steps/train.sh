@@ -7,7 +7,7 @@ umask 022
 export PYTHONUNBUFFERED=1
 export WANDB_DISABLED=true
 export HF_DATASETS_CACHE=/BASE/data/demo/.hf_datasets_cache
-# Distributed environment for llamafactory-cli (it reads NODE_RANK, not RANK).
+# Distributed environment for the train step's torchrun (as llamafactory-cli reads it: NODE_RANK, not RANK).
 export NNODES=1
 export NPROC_PER_NODE=1
 export NODE_RANK="${SLURM_NODEID:-0}"

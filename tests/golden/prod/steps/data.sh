@@ -4,6 +4,7 @@
 set -euo pipefail
 cd /RUN
 umask 022
+export TORCH_CUDNN_SDPA_DEPRIORITIZED=1
 export PYTHONUNBUFFERED=1
 export WANDB_DISABLED=true
 export HF_DATASETS_CACHE=/BASE/data/.hf_datasets_cache

@@ -4,6 +4,7 @@
 set -euo pipefail
 cd /RUN
 umask 022
+export TORCH_CUDNN_SDPA_DEPRIORITIZED=1
 export PYTHONUNBUFFERED=1
 export WANDB_DISABLED=true
 export HF_DATASETS_CACHE=/BASE/data/.hf_datasets_cache
@@ -11,7 +12,7 @@ export HF_DATASETS_CACHE=/BASE/data/.hf_datasets_cache
 if [ -z "${SLURM_JOB_ID:-}" ] && [ -z "${CUDA_VISIBLE_DEVICES+set}" ]; then
   export CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7
 fi
-# Distributed environment for llamafactory-cli (it reads NODE_RANK, not RANK).
+# Distributed environment for the train step's torchrun (as llamafactory-cli reads it: NODE_RANK, not RANK).
 export NNODES=1
 export NPROC_PER_NODE=8
 export NODE_RANK="${SLURM_NODEID:-0}"

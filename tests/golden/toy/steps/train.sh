@@ -11,7 +11,7 @@ export HF_DATASETS_CACHE=/BASE/data/.hf_datasets_cache
 if [ -z "${SLURM_JOB_ID:-}" ] && [ -z "${CUDA_VISIBLE_DEVICES+set}" ]; then
   export CUDA_VISIBLE_DEVICES=0
 fi
-# Distributed environment for llamafactory-cli (it reads NODE_RANK, not RANK).
+# Distributed environment for the train step's torchrun (as llamafactory-cli reads it: NODE_RANK, not RANK).
 export NNODES=1
 export NPROC_PER_NODE=1
 export NODE_RANK="${SLURM_NODEID:-0}"
