@@ -8,12 +8,18 @@
 # Items run in the order given, each only while the time budget (BUDGET_S from the start) leaves room for it:
 #   nccl     NCCL bus bandwidth between the GPUs (bench/nccl_bw.py)
 #   probe    single-GPU plain-PyTorch probes (bench/probe_gpu.py: compute floor, memory without recompute)
-#   A        `sftjobs render prod` as configs/prod.yaml has it = the plan's config (ZeRO-3 + CPU offload, bs1 x ga2)
-#   S        `sftjobs render prod` + bench/prod_proposal.sets (the proposed prod.yaml change)
+#   A        the plan's config: `sftjobs render prod` + bench/plan_config.sets (ZeRO-3 + CPU offload, bs1 x ga2)
+#   P        `sftjobs render prod` as configs/prod.yaml stands (deepspeed auto for this card's memory, balanced ranks),
+#            with batch.global_size = 2 x GPUs: the per-GPU work of an 8-GPU prod step (bs 1 x ga 2 per GPU)
+#   Ppad     P without sftjobs' unpadded one-row batches (LLaMA-Factory pads to a multiple of 8 -> L x L mask)
+#   S        `sftjobs render prod` + bench/prod_proposal.sets (session 1's proposal: ZeRO-2, no balancing)
 #   fast     `sftjobs render fast` (neat_packing + Liger; SDPA 4D mask where flash-attn is missing)
-#   fastseg  fast with bench/lf_bench.py's per-sample SDPA attention (what a varlen kernel gives; experiment)
+#   fastseg  fast with sftjobs' speed.per_sample_attention (causal SDPA per packed sample, as a varlen kernel)
+#   SB       S + sftjobs' speed.balance_ranks (each step's samples spread over the GPUs by length; ZeRO-2: rounds)
+#   S1B      SB on ZeRO-1 (bench/experiments/z1.ds.json): gradients reduced once per optimizer step, ranks balanced
+#            by their token totals
 #   X:NAME   an experiment: S + the --set lines of bench/experiments/NAME.sets
-#   chain    `sftjobs submit prod --dry-run-first --executor local` with the proposal: data -> model ->
+#   chain    `sftjobs submit prod --dry-run-first --executor local` as configs/prod.yaml stands: data -> model ->
 #            preflight -> dry run (DRY_SAMPLES samples) -> validate_dry_run, then the full run is cancelled
 # Each training item is `torchrun bench/lf_bench.py <the rendered train.yaml>` (= FORCE_TORCHRUN=1
 # llamafactory-cli train) with max_steps set; the first WARM steps are warm-up, the rest are measured.
@@ -44,6 +50,8 @@ el "setup: items '$ITEMS', shape $SHAPE, $NDATA rows, budget ${BUDGET_S}s"
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv | tee "$W/gpus.csv"
 nvidia-smi topo -m > "$W/topo.txt" 2>&1 || true
 NG=$(nvidia-smi -L | wc -l)
+# the card's memory in GiB, for prod's deepspeed: auto (resources.gpu_memory_gib)
+GPU_GIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | sort -n | head -1 | awk '{print int($1/1024)}')
 if [ ! -f /tmp/site/.ok ] && [ -z "${BENCH_SKIP_PIP:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && touch /tmp/site/.ok || el "pip install FAILED"
@@ -78,6 +86,7 @@ COMMON=(--set model.source=path --set "model.path=$W/model" --set data.source=pa
 sets_arr() { local -n _arr=$2; _arr=(); [ -f "$1" ] || return 0
   while IFS= read -r line; do [[ "$line" =~ ^[[:space:]]*(#|$) ]] && continue; _arr+=(--set "$line"); done < "$1"; }
 sets_arr bench/prod_proposal.sets PROP
+sets_arr bench/plan_config.sets PLAN
 
 PORT=29611
 
@@ -130,7 +139,7 @@ chain() {
     --set model.source=synthetic --set "model.synthetic_shape=$SHAPE" --set "model.local_dir=$W/model" \
     --set data.source=path --set "data.path=$W/data/sft.jsonl" --set "data.dir=$W/data_chain" \
     --set "output_dir=$ck/prod" --set "resources.gpus_per_node=$NG" --set "dry_run.max_samples=$DRY_SAMPLES" \
-    --set train.include_num_input_tokens_seen=non_padding "${PROP[@]}" ${CHAIN_EXTRA:-} \
+    --set "resources.gpu_memory_gib=$GPU_GIB" --set train.include_num_input_tokens_seen=non_padding ${CHAIN_EXTRA:-} \
     > "$W/chain_submit.log" 2>&1
   cat "$W/chain_submit.log"
   local run; run=$(awk '/^run /{print $2; exit}' "$W/chain_submit.log")
@@ -165,13 +174,17 @@ for item in $ITEMS; do
     nccl) [ "$NG" -gt 1 ] && timeout 90 torchrun --nproc_per_node "$NG" --master_port 29599 bench/nccl_bw.py "$W/nccl.json" 2>&1 | tail -2 ;;
     probe) [ "$(left)" -gt 100 ] && timeout $(( $(left) < 150 ? $(left) - 10 : 150 )) python3 bench/probe_gpu.py "${PROBE_MODEL:-qwen2.5-3b}" "$W/probe.json" 2>&1 | grep -v Warn | tail -30 ;;
     A) for i in $(seq 60); do grep -q "cpu_adam built\|Error" "$W/cpu_adam_build.log" 2>/dev/null && break; sleep 2; done
-       lfrun A prod "$LIMIT_A" "$STEPS_A" tok_nopack "" ;;
+       lfrun A prod "$LIMIT_A" "$STEPS_A" tok_nopack "" "${PLAN[@]}" ;;
     S) lfrun S prod "$LIMIT_S" "$STEPS_S" tok_nopack "$PROPOSAL_ENV ${S_ENV:-}" "${PROP[@]}"
-       if grep -q -i "out of memory" "$W/out_S/train.log" 2>/dev/null; then  # keep recompute for the chain then
-         el "S ran out of memory: the chain keeps gradient checkpointing"
-         CHAIN_EXTRA="${CHAIN_EXTRA:-} --set train.disable_gradient_checkpointing=false"
-       fi ;;
+       ;;
     fast) lfrun fast fast "$LIMIT_FAST" "$STEPS_FAST" tok_neat "$PROPOSAL_ENV" ;;
+    P|Ppad) [ "$item" = P ] && unpad=BENCH_UNPAD=1 || unpad=
+       lfrun "$item" prod "$LIMIT_S" "$STEPS_S" tok_nopack "$PROPOSAL_ENV BENCH_BALANCE=1 $unpad ${P_ENV:-}" \
+         --set "batch.global_size=$((2 * NG))" --set "resources.gpu_memory_gib=$GPU_GIB"
+       grep -h "memory plan" "$W/out_$item/render.log" ;;
+    SB) lfrun SB prod "$LIMIT_S" "$STEPS_S" tok_nopack "$PROPOSAL_ENV BENCH_BALANCE=1 ${S_ENV:-}" "${PROP[@]}" ;;
+    S1B) DSPATCH=bench/experiments/z1.ds.json lfrun S1B prod "$LIMIT_S" "$STEPS_S" tok_nopack \
+           "$PROPOSAL_ENV BENCH_BALANCE=1 ${S_ENV:-}" "${PROP[@]}" ;;
     fastseg) lfrun fastseg fast "$LIMIT_FAST" "$STEPS_FAST" tok_neat "$PROPOSAL_ENV BENCH_SEGMENT_ATTN=1" ;;
     X:*) n=${item#X:}; sets_arr "bench/experiments/$n.sets" XS
        DSPATCH=bench/experiments/$n.ds.json lfrun "S_$n" prod "$LIMIT_S" "$STEPS_S" tok_nopack "$PROPOSAL_ENV" "${PROP[@]}" "${XS[@]}" ;;

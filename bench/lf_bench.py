@@ -9,10 +9,12 @@ Environment:
   BENCH_PROFILE_STEP=k torch.profiler over optimizer step k; tables to BENCH_OUT/profile_rank0.txt
   BENCH_NO_CUDNN_SDPA=1 torch.backends.cuda.enable_cudnn_sdp(False) (where TORCH_CUDNN_SDPA_DEPRIORITIZED=1,
                        the switch sftjobs' profiles use, is not known to the installed torch)
-  BENCH_SEGMENT_ATTN=1 experiment (not in sftjobs): sample-isolated attention for packed rows by running SDPA's
-                       causal flash kernel once per sample (boundaries from position_ids), instead of the 4D
-                       block-diagonal mask LLaMA-Factory builds for neat_packing without flash-attn. Cost is the
-                       sum of per-sample causal attention, as with flash-attn's varlen kernel.
+  BENCH_SEGMENT_ATTN=1 sftjobs' speed.per_sample_attention (sftjobs/steps/per_sample_attention.py): causal SDPA
+                       per packed sample instead of LLaMA-Factory's 4D block-diagonal mask
+  BENCH_UNPAD=1        what sftjobs' training entry always does: a one-row batch is not padded to a multiple of
+                       8, so transformers passes no mask and SDPA keeps its causal flash kernel
+  BENCH_BALANCE=1      sftjobs' speed.balance_ranks (sftjobs/steps/rank_balance.py): each optimizer step's samples
+                       spread over the GPUs by length
 
 Tokens are counted as input_ids != pad_id (HF's "non_padding" mode sums attention_mask, which is wrong for
 neat_packing's index mask). Derived from ../shared/reference/gpu-bench/lf_train.py.
@@ -42,95 +44,6 @@ def _patch_token_count() -> None:
         StepTimer.all_tokens += int(g[1].item())
 
     T.Trainer._track_num_input_tokens = _track
-
-
-# ----------------------------------------------------------------------------- segment attention (experiment)
-
-
-def segment_sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention interface: q [B, H, L, D], k/v [B, Hkv, L, D] -> out [B, L, H, D].
-
-    With position_ids that restart (packed samples) and no mask, each sample attends only to itself
-    (causal flash SDPA per segment); otherwise one causal SDPA over the row.
-    """
-    import torch.nn.functional as F
-
-    position_ids = kwargs.get("position_ids")
-    if attention_mask is not None and not (attention_mask.dim() == 2 and bool(attention_mask.all())):
-        # a padded batch: the masked kernel, as transformers' sdpa would
-        n_rep = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(n_rep, dim=1), value.repeat_interleave(n_rep, dim=1)
-        mask = attention_mask
-        if mask.dim() == 2:
-            L = query.shape[2]
-            causal = torch.ones(L, L, dtype=torch.bool, device=query.device).tril()
-            mask = causal[None, None] & mask[:, None, None, :].bool()
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
-        return out.transpose(1, 2).contiguous(), None
-    bounds = _segments(position_ids, query.shape[0], query.shape[2])
-    outs = []
-    for b in range(query.shape[0]):
-        pieces = [F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
-                                                 is_causal=True, scale=scaling, enable_gqa=True)
-                  for s, e in zip(bounds[b][:-1], bounds[b][1:], strict=True)]
-        outs.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
-    out = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
-    return out.transpose(1, 2).contiguous(), None
-
-
-_SEG_CACHE: list = [None, None]  # [weakref to the position_ids tensor, its boundaries]
-
-
-def _segments(position_ids, batch: int, length: int) -> list[list[int]]:
-    """Per row, the sample boundaries [0, s1, ..., L] where position_ids restart.
-
-    One GPU->CPU copy per forward: every layer gets the same position_ids tensor object, so it is cached.
-    """
-    import weakref
-
-    if position_ids is None:
-        return [[0, length]] * batch
-    ref = _SEG_CACHE[0]
-    if ref is None or ref() is not position_ids:
-        pos = position_ids.expand(batch, -1) if position_ids.shape[0] != batch else position_ids
-        restart = (pos[:, 1:] <= pos[:, :-1]).cpu()
-        bounds = [[0] + (torch.nonzero(restart[b]).flatten() + 1).tolist() + [length] for b in range(batch)]
-        _SEG_CACHE[:] = [weakref.ref(position_ids), bounds]
-    return _SEG_CACHE[1]
-
-
-def _patch_segment_attention() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-
-    AttentionInterface.register("segment_sdpa", segment_sdpa_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register("segment_sdpa", lambda *a, **k: None)  # no mask: boundaries from positions
-
-    import llamafactory.train.sft.workflow as W
-    from llamafactory.data import collator as C
-
-    load_model = W.load_model
-
-    def _load_model(*args, **kwargs):
-        model = load_model(*args, **kwargs)
-        model.config._attn_implementation = "segment_sdpa"
-        for sub in model.modules():
-            cfg = getattr(sub, "config", None)
-            if cfg is not None and hasattr(cfg, "_attn_implementation"):
-                cfg._attn_implementation = "segment_sdpa"
-        return model
-
-    W.load_model = _load_model
-    post_init = C.SFTDataCollatorWith4DAttentionMask.__post_init__
-
-    def _post_init(self):
-        if self.attn_implementation == "segment_sdpa":
-            # take LLaMA-Factory's flash-attn path: no 4D mask, position_ids restart per sample, pad trimmed
-            self.attn_implementation = "flash_attention_2"
-        post_init(self)
-
-    C.SFTDataCollatorWith4DAttentionMask.__post_init__ = _post_init
-    print("[bench] segment_sdpa attention enabled", flush=True)
 
 
 # ----------------------------------------------------------------------------- timer
@@ -223,5 +136,15 @@ if __name__ == "__main__":
         torch.backends.cuda.enable_cudnn_sdp(False)
         print("[bench] cuDNN SDPA disabled in-process", flush=True)
     if os.environ.get("BENCH_SEGMENT_ATTN") == "1":
-        _patch_segment_attention()
+        from sftjobs.steps.per_sample_attention import install
+
+        install()
+    if os.environ.get("BENCH_UNPAD") == "1":
+        from sftjobs.steps.lf_train import install_unpadded_single_rows
+
+        install_unpadded_single_rows()
+    if os.environ.get("BENCH_BALANCE") == "1":
+        from sftjobs.steps.lf_train import install_balanced_sampler
+
+        install_balanced_sampler()
     run_exp(callbacks=[StepTimer()])

@@ -11,7 +11,7 @@ Per training item (WORKDIR/out_<name>/timing_rank*.json from bench/lf_bench.py):
                x 8 GPUs), assuming the per-GPU rate seen here holds on 8 GPUs (not measured).
 For the chain's dry run (sftjobs' own train step, no harness): tok/s/GPU from LLaMA-Factory's trainer_log.jsonl
 (total_tokens / throughput gives the time of each logged step), peak memory from sftjobs' monitor samples.
-speedup = S tok/s/GPU / A tok/s/GPU.
+speedup = P (sftjobs' prod as it stands) tok/s/GPU / A tok/s/GPU; S / A where P was not run.
 """
 
 from __future__ import annotations
@@ -29,12 +29,20 @@ HOURS_SAMPLES, EPOCHS, PROJ_GPUS = 54000, 3, 8
 DESCRIPTIONS = {
     "A": "the plan's prod config: `sftjobs render prod` of configs/prod.yaml as it stands (ZeRO-3 + CPU offload of "
          "params and optimizer, bs 1 x ga 2, no packing, attention auto -> SDPA, gradient checkpointing)",
-    "S": "sftjobs' prod with the proposed change (bench/prod_proposal.sets) rendered by `sftjobs render prod`; "
+    "P": "sftjobs' prod as configs/prod.yaml stands (deepspeed auto for the card's memory, balanced ranks, Liger, "
+         "SDPA off cuDNN), with batch.global_size = 2 x GPUs so each GPU does what it does in an 8-GPU prod step",
+    "Ppad": "P with LLaMA-Factory's padding of every batch to a multiple of 8 (what P had before sftjobs' training "
+            "entry stopped padding one-row batches): transformers then passes an L x L mask and SDPA runs its "
+            "memory-efficient kernel instead of causal flash",
+    "S": "session 1's proposal: sftjobs' prod with the proposed change (bench/prod_proposal.sets) rendered by `sftjobs render prod`; "
          "same samples per optimizer step as A (bs 1 x ga 2 per GPU), no packing",
     "fast": "`sftjobs render fast`: neat_packing (sample-isolated packs of <= 15000 tokens), Liger, ZeRO-2, 1 pack "
             "per GPU per step; flash_attn fa2 falls back to SDPA with a 4D block-diagonal mask (no flash-attn here)",
-    "fastseg": "fast, with bench/lf_bench.py's per-sample causal SDPA (flash kernel) instead of the 4D mask: what a "
-               "varlen attention kernel gives (experiment; needs a code change to use in sftjobs)",
+    "fastseg": "fast with sftjobs' speed.per_sample_attention: causal SDPA (flash kernel) per packed sample instead of "
+               "the 4D mask, what a varlen attention kernel gives",
+    "SB": "S + sftjobs' speed.balance_ranks: each optimizer step's samples (the same ones) spread over the GPUs by "
+          "length; ZeRO-2 reduces every micro-step, so micro-step m gets the m-th longest block",
+    "S1B": "SB on ZeRO-1 (gradients reduced once per optimizer step); ranks balanced by their token totals",
 }
 
 
@@ -126,19 +134,30 @@ def harness_item(workdir: str, name: str, warm: int, n_params: int, peak: float,
     bs, ga = cfg.get("per_device_train_batch_size", 1), cfg.get("gradient_accumulation_steps", 1)
     d["rows_per_step"] = ws * bs * ga
     w = min(warm, max(1, n - 2))
+    # a step run under torch.profiler (BENCH_PROFILE_STEP) is many times slower: leave it out of the measure
+    profiled = None
+    try:
+        first = open(os.path.join(od, "profile_rank0.txt")).readline()
+        profiled = int(first.split("optimizer step ")[1].split(":")[0])
+    except (OSError, IndexError, ValueError):
+        pass
     if n >= w + 2:
-        dt = [t[i] - t[i - 1] for i in range(w, n)]
-        span = t[n - 1] - t[w - 1]
-        ntok = tok[n - 1] - tok[w - 1]
-        nall = allt[n - 1] - allt[w - 1]
+        keep = [i for i in range(w, n) if r0["steps"][i] != profiled]
+        dt = [t[i] - t[i - 1] for i in keep]
+        span = sum(dt)
+        ntok = sum(tok[i] - tok[i - 1] for i in keep)
+        nall = sum(allt[i] - allt[i - 1] for i in keep)
         tps = ntok / span / ws
-        d.update({"warmup_steps": w, "measured_steps": n - w, "s_per_step_mean": round(span / (n - w), 3),
+        if profiled is not None:
+            d["profiled_step_excluded"] = profiled
+        n_meas = len(keep)
+        d.update({"warmup_steps": w, "measured_steps": n_meas, "s_per_step_mean": round(span / n_meas, 3),
                   "s_per_step_median": round(statistics.median(dt), 3), "s_per_step_min": round(min(dt), 3),
-                  "s_per_step_max": round(max(dt), 3), "tokens_per_step": round(ntok / (n - w)),
+                  "s_per_step_max": round(max(dt), 3), "tokens_per_step": round(ntok / n_meas),
                   "pad_fraction": round(1 - ntok / nall, 4) if nall else None, "tok_s_gpu": round(tps, 1),
                   "mfu": round(6 * n_params * tps / (peak * 1e12), 4) if peak else None})
         if mean_tok:
-            d["samples_per_step_est"] = round(ntok / (n - w) / mean_tok, 1)
+            d["samples_per_step_est"] = round(ntok / n_meas / mean_tok, 1)
             d["proj_54k_x3_8gpu_h"] = round(HOURS_SAMPLES * EPOCHS * mean_tok / (tps * PROJ_GPUS) / 3600, 2)
     else:
         d["error"] = f"only {n} steps done (need {w + 2}); see train.log"
@@ -224,8 +243,9 @@ def main() -> None:
     load = lambda p: json.load(open(os.path.join(workdir, p))) if os.path.exists(os.path.join(workdir, p)) else None  # noqa: E731
     peak_info = load("peak.json") or {}
     peak = peak_info.get("matmul_bf16_tflops")
-    n_params = n_params_of(os.path.join(workdir, "model"))
-    mean_tok = mean_tokens(workdir)
+    # re-summarising an unpacked results tarball elsewhere: the model and tokenized data are not in it
+    n_params = n_params_of(os.path.join(workdir, "model")) or int(os.environ.get("BENCH_N_PARAMS", "0"))
+    mean_tok = mean_tokens(workdir) or (float(os.environ["BENCH_MEAN_TOKENS"]) if "BENCH_MEAN_TOKENS" in os.environ else None)
     gpus = []
     try:
         gpus = [r for r in csv.DictReader(open(os.path.join(workdir, "gpus.csv")), skipinitialspace=True)]
@@ -233,7 +253,7 @@ def main() -> None:
         pass
     ngpu = len(gpus) or 1
     names = [os.path.basename(p)[4:] for p in sorted(glob.glob(os.path.join(workdir, "out_*")))]
-    order = [n for n in ("A", "S", "fast", "fastseg") if n in names] + [n for n in names if n not in ("A", "S", "fast", "fastseg")]
+    order = [n for n in ("A", "P", "Ppad", "S", "SB", "S1B", "fast", "fastseg") if n in names] + [n for n in names if n not in ("A", "P", "Ppad", "S", "SB", "S1B", "fast", "fastseg")]
     configs = {n: harness_item(workdir, n, warm, n_params, peak, mean_tok) for n in order}
     chain = chain_item(workdir, n_params, peak, mean_tok, ngpu)
     if chain:
@@ -256,7 +276,8 @@ def main() -> None:
         "configs": configs,
     }
     a = (configs.get("A") or {}).get("tok_s_gpu")
-    s = (configs.get("S") or {}).get("tok_s_gpu") or (chain or {}).get("tok_s_gpu")
+    s = ((configs.get("P") or {}).get("tok_s_gpu") or (configs.get("S") or {}).get("tok_s_gpu")
+         or (chain or {}).get("tok_s_gpu"))
     res["speedup"] = round(s / a, 2) if a and s else None
     for c in configs.values():
         if c and a and c.get("tok_s_gpu"):
@@ -278,7 +299,7 @@ def main() -> None:
                     f"{c.get('tokens_per_step')} | {c['tok_s_gpu']:.0f} | {mfu} | {mem} | {c.get('proj_54k_x3_8gpu_h')} | "
                     f"{c.get('speedup_vs_A', '-')} |")
     md = (f"card: {card}; bf16 peak {peak} TFLOP/s; N = {n_params}; mean tokens/sample {mean_tok}\n\n" + "\n".join(rows)
-          + f"\n\nspeedup (S/A) = {res['speedup']}\n")
+          + f"\n\nspeedup (P/A, else S/A) = {res['speedup']}\n")
     open(out_md, "w").write(md)
     print(md)
     print(json.dumps({k: v for k, v in res.items() if k != "configs"}, indent=1)[:3000])
