@@ -23,6 +23,7 @@ class Resources:
     constraint: str | None = None
     sbatch_extra: list[str] = field(default_factory=list)
     signal_delay_s: int = 120  # USR2 this long before the time limit: a training step requeues itself
+    max_time_requeues: int = 10  # ... this many times at most (submitit's max_num_timeout)
 
 
 @dataclass
@@ -68,7 +69,7 @@ def build_plan(profile: Profile, dry_run_first: bool = False) -> Plan:
     res = profile.values["resources"]
     shared = dict(partition=res["partition"], account=res["account"], qos=res["qos"],
                   constraint=res["constraint"], sbatch_extra=list(res["sbatch_extra"]),
-                  signal_delay_s=res["signal_delay_s"])
+                  signal_delay_s=res["signal_delay_s"], max_time_requeues=res["max_time_requeues"])
     cpu = Resources(nodes=1, gpus_per_node=0, cpus_per_task=min(res["cpu_step_cpus"], res["cpus_per_task"]),
                     mem=res["cpu_step_mem"], time=_time(res["cpu_step_time"]), **shared)
     gpus = res["gpus_per_node"]

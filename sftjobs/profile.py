@@ -123,6 +123,8 @@ SCHEMA: dict[str, Key] = {
     "resources.time": Key((str, int, type(None)), "24:00:00", _time),
     "resources.sbatch_extra": Key(list, [], _sbatch_flags),
     "resources.signal_delay_s": Key(int, 120, _at_least(0), "USR2 this many seconds before the time limit (requeue)"),
+    "resources.max_time_requeues": Key(int, 10, _at_least(0), "times a training step may reach its time limit and "
+                                       "requeue itself (resuming from its checkpoint) before it fails"),
     "resources.cpu_step_cpus": Key(int, 4, _at_least(1), "CPUs for the data and model steps"),
     "resources.cpu_step_mem": Key(OPT_STR, "16G", _mem),
     "resources.cpu_step_time": Key((str, int, type(None)), "04:00:00", _time),

@@ -4,6 +4,8 @@ being written when the job died is moved aside (never deleted, never picked up).
 import json
 from pathlib import Path
 
+import pytest
+
 from sftjobs.steps.train import newest_complete_checkpoint, training_command
 
 
@@ -61,3 +63,19 @@ def test_launch_env_keeps_llamafactory_cli_defaults_and_user_choices():
     assert launch_env({})["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     assert launch_env({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"})["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
     assert "TORCH_NCCL_AVOID_RECORD_STREAMS" not in launch_env({"OPTIM_TORCH": "0"})
+
+
+def test_time_limit_requeues_follow_the_profile(tmp_path, in_tmp):
+    """submitit requeues a step that reaches its time limit at most max_num_timeout times (its default: 3)."""
+    pytest.importorskip("submitit")
+    from sftjobs.executors.slurm import SlurmExecutor
+    from sftjobs.plan import build_plan
+    from sftjobs.profile import load_profile
+
+    for sets, expected in (([], 10), (["resources.max_time_requeues=25"], 25)):
+        plan = build_plan(load_profile("prod", sets))
+        train = plan.step("train")
+        assert train.resources.max_time_requeues == expected
+        backend = SlurmExecutor(need_sbatch=False)
+        backend._limits = {}  # no partition limits to ask slurmctld for
+        assert backend._executor(tmp_path, train, []).max_num_timeout == expected

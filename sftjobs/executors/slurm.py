@@ -70,7 +70,10 @@ class SlurmExecutor(Executor):
     def _executor(self, run_dir: Path, step: Step, parent_ids: list[str]):
         import submitit  # only submitting needs it; tracking (status, cancel) stays light
 
-        executor = submitit.SlurmExecutor(folder=run_dir / "slurm" / step.name, python=self.python)
+        # submitit requeues a Checkpointable step that reaches its time limit at most max_num_timeout times
+        # (default 3): a long run on a partition with a short MaxTime needs more
+        executor = submitit.SlurmExecutor(folder=run_dir / "slurm" / step.name, python=self.python,
+                                          max_num_timeout=step.resources.max_time_requeues)
         try:
             limits = self.limits_for(step)
             implicit = limits.implicit_minutes() if limits else NO_LIMIT_MINUTES
