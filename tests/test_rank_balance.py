@@ -28,14 +28,21 @@ def test_each_step_keeps_its_samples(layout, world, per_device, accum):
     assert order[full:] == base[full:]  # a last partial step keeps the trainer's order
 
 
-def test_rounds_layout_puts_similar_lengths_in_one_micro_step():
-    world, per_device, accum = 8, 1, 2
-    lengths = lognormal_lengths(1600, seed=2)
+WORLD, PER_DEVICE, ACCUM = 8, 1, 2  # the plan's 8-GPU prod step
+
+
+def shuffled_and_balanced(layout, seed):
+    """Lengths, the trainer's shuffled order, the balanced order, and the per-step loads of both."""
+    lengths = lognormal_lengths(1600, seed=seed)
     base = list(range(len(lengths)))
-    random.Random(3).shuffle(base)
-    order = list(rb.balanced_order(base, lengths, world, per_device, accum, "rounds"))
-    before = rb.step_loads(base, lengths, world, per_device, accum)
-    after = rb.step_loads(order, lengths, world, per_device, accum)
+    random.Random(seed + 1).shuffle(base)
+    order = list(rb.balanced_order(base, lengths, WORLD, PER_DEVICE, ACCUM, layout))
+    loads = [rb.step_loads(o, lengths, WORLD, PER_DEVICE, ACCUM) for o in (base, order)]
+    return lengths, base, order, *loads
+
+
+def test_rounds_layout_puts_similar_lengths_in_one_micro_step():
+    _, _, _, before, after = shuffled_and_balanced("rounds", seed=2)
     for b, a in zip(before, after, strict=True):
         # sorted rounds minimise the sum of the micro-steps' longest samples: never worse, step by step
         assert sum(a["micro_longest"]) <= sum(b["micro_longest"])
@@ -45,16 +52,10 @@ def test_rounds_layout_puts_similar_lengths_in_one_micro_step():
 
 
 def test_ranks_layout_evens_out_per_rank_totals():
-    world, per_device, accum = 8, 1, 2
-    lengths = lognormal_lengths(1600, seed=4)
-    base = list(range(len(lengths)))
-    random.Random(5).shuffle(base)
-    order = list(rb.balanced_order(base, lengths, world, per_device, accum, "ranks"))
-    before = rb.step_loads(base, lengths, world, per_device, accum)
-    after = rb.step_loads(order, lengths, world, per_device, accum)
+    lengths, base, order, before, after = shuffled_and_balanced("ranks", seed=4)
     mean_max = lambda loads: sum(max(s["rank_tokens"]) for s in loads) / len(loads)  # noqa: E731
     assert mean_max(before) / mean_max(after) > 1.15
-    summary = rb.summary(base, order, lengths, world, per_device, accum)
+    summary = rb.summary(base, order, lengths, WORLD, PER_DEVICE, ACCUM)
     assert summary["steps"] == 100 and summary["max_rank_tokens_after"] < summary["max_rank_tokens_before"]
 
 
