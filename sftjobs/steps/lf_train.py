@@ -117,7 +117,7 @@ def install_balanced_sampler() -> None:
 
     def _get_train_sampler(self, *args, **kwargs):
         sampler = original(self, *args, **kwargs)
-        dataset = args[0] if args else kwargs.get("train_dataset") or self.train_dataset
+        dataset = (args[0] if args else kwargs.get("train_dataset")) or self.train_dataset
         if sampler is None or dataset is None:
             return sampler
         lengths = token_lengths(dataset)
