@@ -61,6 +61,20 @@ def n_params_of(model_dir: str) -> int:
     return total
 
 
+def monitor_peaks_mib(paths: list[str]) -> dict:
+    """Per GPU index, the highest nvidia-smi memory.used (MiB) in sftjobs' monitor/*.jsonl samples."""
+    peaks: dict = {}
+    for path in paths:
+        for line in open(path):
+            try:
+                sample = json.loads(line)
+            except ValueError:
+                continue  # a torn last line
+            for g in sample.get("gpus", []):
+                peaks[g["index"]] = max(peaks.get(g["index"], 0), g["mem_used_mib"])
+    return peaks
+
+
 def mean_tokens(workdir: str) -> float | None:
     try:
         from datasets import load_from_disk
@@ -212,15 +226,7 @@ def chain_item(workdir: str, n_params: int, peak: float, mean_tok: float | None,
             d["proj_54k_x3_8gpu_h"] = round(HOURS_SAMPLES * EPOCHS * mean_tok / (tps * PROJ_GPUS) / 3600, 2)
     else:
         d["error"] = f"trainer_log has {len(entries)} entries with token counts ({log_path})"
-    peaks: dict = {}
-    for mf in glob.glob(os.path.join(run_dir, "monitor", "dry_run[.-]*.jsonl")):
-        for line in open(mf):
-            try:
-                s = json.loads(line)
-            except ValueError:
-                continue
-            for g in s.get("gpus", []):
-                peaks[g["index"]] = max(peaks.get(g["index"], 0), g["mem_used_mib"])
+    peaks = monitor_peaks_mib(glob.glob(os.path.join(run_dir, "monitor", "dry_run[.-]*.jsonl")))
     if peaks:
         d["smi_peak_used_GiB"] = round(max(peaks.values()) / 1024, 2)
     for name in ("validate_dry_run", "preflight"):

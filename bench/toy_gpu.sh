@@ -31,20 +31,13 @@ python3 -m sftjobs status "$RUN" > "$W/status.txt" 2>&1; cat "$W/status.txt"
 python3 -m sftjobs status "$RUN" --json > "$W/status.json" 2>&1
 python3 - "$W" "$RUN" "$OUT/toy_summary.json" <<'PY'
 import glob, json, os, sys
+sys.path.insert(0, "bench")
+from summarize_prod import monitor_peaks_mib
 w, run, out = sys.argv[1:]
 rd = os.path.join(w, "jobs", run)
 st = json.load(open(os.path.join(w, "status.json")))
 res = {"run": run, "steps": {s["step"]: {"state": s["state"], "elapsed": s["elapsed"]} for s in st["steps"]}}
-peaks = {}
-for mf in glob.glob(os.path.join(rd, "monitor", "*.jsonl")):
-    for line in open(mf):
-        try:
-            s = json.loads(line)
-        except ValueError:
-            continue
-        for g in s.get("gpus", []):
-            peaks[g["index"]] = max(peaks.get(g["index"], 0), g["mem_used_mib"])
-res["peak_gpu_mem_used_MiB_nvidia_smi"] = peaks
+res["peak_gpu_mem_used_MiB_nvidia_smi"] = monitor_peaks_mib(glob.glob(os.path.join(rd, "monitor", "*.jsonl")))
 tl = glob.glob(os.path.join(w, "ckpt", "trainer_log.jsonl"))
 if tl:
     ents = [json.loads(l) for l in open(tl[0]) if l.strip()]

@@ -177,7 +177,6 @@ def make_memory_callback(prefix: str):
         def __init__(self):
             rank = int(os.environ.get("RANK", "0"))
             self.path = Path(f"{prefix}-rank{rank}.jsonl")
-            self.device = None
 
         def _write(self, state) -> None:
             if not torch.cuda.is_available():
