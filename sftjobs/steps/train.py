@@ -53,16 +53,20 @@ def newest_complete_checkpoint(output_dir: Path, log=print) -> Path | None:
     return None
 
 
+def _enabled(env: dict[str, str], name: str, default: str = "0") -> bool:
+    """llamafactory-cli's reading of a switch variable (extras.misc.is_env_enabled)."""
+    return env.get(name, default).lower() in ("1", "true", "y", "yes")
+
+
 def is_distributed(env: dict[str, str]) -> bool:
     """llamafactory-cli's rule: torchrun when FORCE_TORCHRUN is set or more than one process is asked for."""
-    forced = env.get("FORCE_TORCHRUN", "").lower() in ("1", "true", "y", "yes")
-    return forced or int(env.get("NPROC_PER_NODE", "1") or 1) > 1 or int(env.get("NNODES", "1") or 1) > 1
+    return _enabled(env, "FORCE_TORCHRUN") or int(env.get("NPROC_PER_NODE", "1") or 1) > 1 or int(env.get("NNODES", "1") or 1) > 1
 
 
 def launch_env(env: dict[str, str]) -> dict[str, str]:
     """llamafactory-cli's torchrun environment (its OPTIM_TORCH defaults), unless the user set them."""
     env = dict(env)
-    if env.get("OPTIM_TORCH", "1").lower() in ("1", "true", "y", "yes"):
+    if _enabled(env, "OPTIM_TORCH", "1"):
         env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         env.setdefault("TORCH_NCCL_AVOID_RECORD_STREAMS", "1")
     return env
