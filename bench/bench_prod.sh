@@ -15,6 +15,7 @@
 #   S        `sftjobs render prod` + bench/prod_proposal.sets (session 1's proposal: ZeRO-2, no balancing)
 #   fast     `sftjobs render fast` (neat_packing + Liger; SDPA 4D mask where flash-attn is missing)
 #   fastseg  fast with sftjobs' speed.per_sample_attention (causal SDPA per packed sample, as a varlen kernel)
+#   fastnr   fastseg without gradient checkpointing (train.disable_gradient_checkpointing)
 #   SB       S + sftjobs' speed.balance_ranks (each step's samples spread over the GPUs by length; ZeRO-2: rounds)
 #   S1B      SB on ZeRO-1 (bench/experiments/z1.ds.json): gradients reduced once per optimizer step, ranks balanced
 #            by their token totals
@@ -186,6 +187,8 @@ for item in $ITEMS; do
     S1B) DSPATCH=bench/experiments/z1.ds.json lfrun S1B prod "$LIMIT_S" "$STEPS_S" tok_nopack \
            "$PROPOSAL_ENV BENCH_BALANCE=1 ${S_ENV:-}" "${PROP[@]}" ;;
     fastseg) lfrun fastseg fast "$LIMIT_FAST" "$STEPS_FAST" tok_neat "$PROPOSAL_ENV BENCH_SEGMENT_ATTN=1" ;;
+    fastnr) lfrun fastnr fast "$LIMIT_FAST" "$STEPS_FAST" tok_neat "$PROPOSAL_ENV BENCH_SEGMENT_ATTN=1" \
+              --set train.disable_gradient_checkpointing=true ;;
     X:*) n=${item#X:}; sets_arr "bench/experiments/$n.sets" XS
        DSPATCH=bench/experiments/$n.ds.json lfrun "S_$n" prod "$LIMIT_S" "$STEPS_S" tok_nopack "$PROPOSAL_ENV" "${PROP[@]}" "${XS[@]}" ;;
     chain) chain ;;

@@ -40,6 +40,7 @@ DESCRIPTIONS = {
             "per GPU per step; flash_attn fa2 falls back to SDPA with a 4D block-diagonal mask (no flash-attn here)",
     "fastseg": "fast with sftjobs' speed.per_sample_attention: causal SDPA (flash kernel) per packed sample instead of "
                "the 4D mask, what a varlen attention kernel gives",
+    "fastnr": "fastseg without gradient checkpointing (train.disable_gradient_checkpointing=true)",
     "SB": "S + sftjobs' speed.balance_ranks: each optimizer step's samples (the same ones) spread over the GPUs by "
           "length; ZeRO-2 reduces every micro-step, so micro-step m gets the m-th longest block",
     "S1B": "SB on ZeRO-1 (gradients reduced once per optimizer step); ranks balanced by their token totals",
@@ -259,7 +260,8 @@ def main() -> None:
         pass
     ngpu = len(gpus) or 1
     names = [os.path.basename(p)[4:] for p in sorted(glob.glob(os.path.join(workdir, "out_*")))]
-    order = [n for n in ("A", "P", "Ppad", "S", "SB", "S1B", "fast", "fastseg") if n in names] + [n for n in names if n not in ("A", "P", "Ppad", "S", "SB", "S1B", "fast", "fastseg")]
+    known = ("A", "P", "Ppad", "S", "SB", "S1B", "fast", "fastseg", "fastnr")
+    order = [n for n in known if n in names] + [n for n in names if n not in known]
     configs = {n: harness_item(workdir, n, warm, n_params, peak, mean_tok) for n in order}
     chain = chain_item(workdir, n_params, peak, mean_tok, ngpu)
     if chain:
