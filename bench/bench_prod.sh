@@ -11,11 +11,15 @@
 #   A        the plan's config: `sftjobs render prod` + bench/plan_config.sets (ZeRO-3 + CPU offload, bs1 x ga2)
 #   P        `sftjobs render prod` as configs/prod.yaml stands (deepspeed auto for this card's memory, balanced ranks),
 #            with batch.global_size = 2 x GPUs: the per-GPU work of an 8-GPU prod step (bs 1 x ga 2 per GPU)
-#   Ppad     P without sftjobs' unpadded one-row batches (LLaMA-Factory pads to a multiple of 8 -> L x L mask)
+#            (configs/prod.yaml: speed.pack_rank_samples, i.e. BENCH_PACK=1)
+#   Pb       P with balanced ranks but without packing each GPU's samples (session 2's P)
+#   Ppad     Pb without sftjobs' unpadded one-row batches (LLaMA-Factory pads to a multiple of 8 -> L x L mask)
 #   S        `sftjobs render prod` + bench/prod_proposal.sets (session 1's proposal: ZeRO-2, no balancing)
-#   fast     `sftjobs render fast` (neat_packing + Liger; SDPA 4D mask where flash-attn is missing)
-#   fastseg  fast with sftjobs' speed.per_sample_attention (causal SDPA per packed sample, as a varlen kernel)
-#   fastnr   fastseg without gradient checkpointing (train.disable_gradient_checkpointing)
+#   fast     `sftjobs render fast` as configs/fast.yaml stands: neat_packing + Liger, speed.per_sample_attention
+#            (causal SDPA per packed sample, as a varlen kernel), deepspeed auto (recompute only where needed)
+#   fastmask fast with LLaMA-Factory's SDPA 4D block-diagonal mask (no per-sample attention), ZeRO-2 + recompute
+#   fastseg  fast on ZeRO-2 with recompute (sessions 1-3's fast)
+#   fastnr   fastseg without gradient checkpointing (session 3 call 1)
 #   SB       S + sftjobs' speed.balance_ranks (each step's samples spread over the GPUs by length; ZeRO-2: rounds)
 #   S1B      SB on ZeRO-1 (bench/experiments/z1.ds.json): gradients reduced once per optimizer step, ranks balanced
 #            by their token totals
@@ -178,17 +182,23 @@ for item in $ITEMS; do
        lfrun A prod "$LIMIT_A" "$STEPS_A" tok_nopack "" "${PLAN[@]}" ;;
     S) lfrun S prod "$LIMIT_S" "$STEPS_S" tok_nopack "$PROPOSAL_ENV ${S_ENV:-}" "${PROP[@]}"
        ;;
-    fast) lfrun fast fast "$LIMIT_FAST" "$STEPS_FAST" tok_neat "$PROPOSAL_ENV" ;;
-    P|Ppad) [ "$item" = P ] && unpad=BENCH_UNPAD=1 || unpad=
-       lfrun "$item" prod "$LIMIT_S" "$STEPS_S" tok_nopack "$PROPOSAL_ENV BENCH_BALANCE=1 $unpad ${P_ENV:-}" \
+    fast) lfrun fast fast "$LIMIT_FAST" "$STEPS_FAST" tok_neat "$PROPOSAL_ENV BENCH_SEGMENT_ATTN=1" \
+            --set "resources.gpu_memory_gib=$GPU_GIB"
+          grep -h "memory plan" "$W/out_fast/render.log" ;;
+    fastmask) lfrun fastmask fast "$LIMIT_FAST" "$STEPS_FAST" tok_neat "$PROPOSAL_ENV" --set deepspeed=z2 \
+                --set train.disable_gradient_checkpointing=false ;;
+    P|Pb|Ppad) case $item in P) mode="BENCH_PACK=1 BENCH_UNPAD=1" ;; Pb) mode="BENCH_BALANCE=1 BENCH_UNPAD=1" ;;
+                                Ppad) mode="BENCH_BALANCE=1" ;; esac
+       lfrun "$item" prod "$LIMIT_S" "$STEPS_S" tok_nopack "$PROPOSAL_ENV $mode ${P_ENV:-}" \
          --set "batch.global_size=$((2 * NG))" --set "resources.gpu_memory_gib=$GPU_GIB"
        grep -h "memory plan" "$W/out_$item/render.log" ;;
     SB) lfrun SB prod "$LIMIT_S" "$STEPS_S" tok_nopack "$PROPOSAL_ENV BENCH_BALANCE=1 ${S_ENV:-}" "${PROP[@]}" ;;
     S1B) DSPATCH=bench/experiments/z1.ds.json lfrun S1B prod "$LIMIT_S" "$STEPS_S" tok_nopack \
            "$PROPOSAL_ENV BENCH_BALANCE=1 ${S_ENV:-}" "${PROP[@]}" ;;
-    fastseg) lfrun fastseg fast "$LIMIT_FAST" "$STEPS_FAST" tok_neat "$PROPOSAL_ENV BENCH_SEGMENT_ATTN=1" ;;
+    fastseg) lfrun fastseg fast "$LIMIT_FAST" "$STEPS_FAST" tok_neat "$PROPOSAL_ENV BENCH_SEGMENT_ATTN=1" \
+               --set deepspeed=z2 --set train.disable_gradient_checkpointing=false ;;
     fastnr) lfrun fastnr fast "$LIMIT_FAST" "$STEPS_FAST" tok_neat "$PROPOSAL_ENV BENCH_SEGMENT_ATTN=1" \
-              --set train.disable_gradient_checkpointing=true ;;
+              --set deepspeed=z2 --set train.disable_gradient_checkpointing=true ;;
     X:*) n=${item#X:}; sets_arr "bench/experiments/$n.sets" XS
        DSPATCH=bench/experiments/$n.ds.json lfrun "S_$n" prod "$LIMIT_S" "$STEPS_S" tok_nopack "$PROPOSAL_ENV" "${PROP[@]}" "${XS[@]}" ;;
     chain) chain ;;

@@ -15,6 +15,8 @@ Environment:
                        8, so transformers passes no mask and SDPA keeps its causal flash kernel
   BENCH_BALANCE=1      sftjobs' speed.balance_ranks (sftjobs/steps/rank_balance.py): each optimizer step's samples
                        spread over the GPUs by length
+  BENCH_PACK=1         sftjobs' speed.pack_rank_samples: balanced ranks, each GPU's samples of a step packed into
+                       sample-isolated rows (per-sample attention)
 
 Tokens are counted as input_ids != pad_id (HF's "non_padding" mode sums attention_mask, which is wrong for
 neat_packing's index mask). Derived from ../shared/reference/gpu-bench/lf_train.py.
@@ -143,7 +145,14 @@ if __name__ == "__main__":
         from sftjobs.steps.lf_train import install_unpadded_single_rows
 
         install_unpadded_single_rows()
-    if os.environ.get("BENCH_BALANCE") == "1":
+    if os.environ.get("BENCH_PACK") == "1":  # speed.pack_rank_samples
+        from sftjobs.steps.lf_train import install_balanced_sampler, install_packed_rows
+        from sftjobs.steps.per_sample_attention import install
+
+        install_balanced_sampler(pack=True)
+        install_packed_rows()
+        install(always=True)
+    elif os.environ.get("BENCH_BALANCE") == "1":
         from sftjobs.steps.lf_train import install_balanced_sampler
 
         install_balanced_sampler()

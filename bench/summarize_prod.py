@@ -29,17 +29,21 @@ HOURS_SAMPLES, EPOCHS, PROJ_GPUS = 54000, 3, 8
 DESCRIPTIONS = {
     "A": "the plan's prod config: `sftjobs render prod` of configs/prod.yaml as it stands (ZeRO-3 + CPU offload of "
          "params and optimizer, bs 1 x ga 2, no packing, attention auto -> SDPA, gradient checkpointing)",
-    "P": "sftjobs' prod as configs/prod.yaml stands (deepspeed auto for the card's memory, balanced ranks, Liger, "
-         "SDPA off cuDNN), with batch.global_size = 2 x GPUs so each GPU does what it does in an 8-GPU prod step",
-    "Ppad": "P with LLaMA-Factory's padding of every batch to a multiple of 8 (what P had before sftjobs' training "
+    "P": "sftjobs' prod as configs/prod.yaml stands (deepspeed auto for the card's memory, balanced ranks with each "
+         "GPU's samples of a step packed into sample-isolated rows, Liger, SDPA off cuDNN), with batch.global_size = "
+         "2 x GPUs so each GPU does what it does in an 8-GPU prod step",
+    "Pb": "P with balanced ranks but one sample per micro-step (no packing of a GPU's samples): session 2's P",
+    "Ppad": "Pb with LLaMA-Factory's padding of every batch to a multiple of 8 (what P had before sftjobs' training "
             "entry stopped padding one-row batches): transformers then passes an L x L mask and SDPA runs its "
             "memory-efficient kernel instead of causal flash",
     "S": "session 1's proposal: sftjobs' prod with the proposed change (bench/prod_proposal.sets) rendered by `sftjobs render prod`; "
          "same samples per optimizer step as A (bs 1 x ga 2 per GPU), no packing",
-    "fast": "`sftjobs render fast`: neat_packing (sample-isolated packs of <= 15000 tokens), Liger, ZeRO-2, 1 pack "
-            "per GPU per step; flash_attn fa2 falls back to SDPA with a 4D block-diagonal mask (no flash-attn here)",
-    "fastseg": "fast with sftjobs' speed.per_sample_attention: causal SDPA (flash kernel) per packed sample instead of "
-               "the 4D mask, what a varlen attention kernel gives",
+    "fast": "`sftjobs render fast` as configs/fast.yaml stands: neat_packing (sample-isolated packs of <= 15000 "
+            "tokens), Liger, per-sample attention, deepspeed auto (recompute only where memory needs it), 1 pack per "
+            "GPU per step",
+    "fastmask": "fast on ZeRO-2 with recompute and LLaMA-Factory's SDPA 4D block-diagonal mask (no flash-attn here)",
+    "fastseg": "fast on ZeRO-2 with recompute (sessions 1-3): per-sample causal SDPA (flash kernel) instead of the 4D "
+               "mask, what a varlen attention kernel gives",
     "fastnr": "fastseg without gradient checkpointing (train.disable_gradient_checkpointing=true)",
     "SB": "S + sftjobs' speed.balance_ranks: each optimizer step's samples (the same ones) spread over the GPUs by "
           "length; ZeRO-2 reduces every micro-step, so micro-step m gets the m-th longest block",
@@ -260,7 +264,7 @@ def main() -> None:
         pass
     ngpu = len(gpus) or 1
     names = [os.path.basename(p)[4:] for p in sorted(glob.glob(os.path.join(workdir, "out_*")))]
-    known = ("A", "P", "Ppad", "S", "SB", "S1B", "fast", "fastseg", "fastnr")
+    known = ("A", "P", "Pb", "Ppad", "S", "SB", "S1B", "fast", "fastmask", "fastseg", "fastnr")
     order = [n for n in known if n in names] + [n for n in names if n not in known]
     configs = {n: harness_item(workdir, n, warm, n_params, peak, mean_tok) for n in order}
     chain = chain_item(workdir, n_params, peak, mean_tok, ngpu)

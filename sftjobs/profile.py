@@ -135,6 +135,9 @@ SCHEMA: dict[str, Key] = {
                                "(the same samples per step; less waiting for the longest one)"),
     "speed.per_sample_attention": Key(bool, False, help="neat_packing without flash-attn: causal SDPA per packed "
                                       "sample instead of a 4D block-diagonal mask"),
+    "speed.pack_rank_samples": Key(bool, False, help="balance_ranks, with each GPU's samples of a step packed into "
+                                   "sample-isolated rows (the same samples per step; a GPU may take one long sample "
+                                   "or several short ones)"),
     "train": Key(dict, {}, help="LLaMA-Factory keys, passed through"),
 }
 SECTIONS = {k.split(".")[0] for k in SCHEMA if "." in k}
@@ -425,6 +428,13 @@ def _validate_relations(v: dict[str, Any], where: str) -> None:
     if v["speed"]["per_sample_attention"] and not v["train"].get("neat_packing"):
         raise SftjobsError(f"{where}: speed.per_sample_attention needs train.neat_packing: true (it keeps packed "
                            "samples apart); set train.packing and train.neat_packing, or turn it off.")
+    if v["speed"]["pack_rank_samples"]:
+        if v["train"].get("packing") or v["train"].get("neat_packing"):
+            raise SftjobsError(f"{where}: speed.pack_rank_samples packs each GPU's samples itself; it needs "
+                               "train.packing and train.neat_packing false (or turn it off).")
+        if v["train"].get("per_device_train_batch_size") != 1:
+            raise SftjobsError(f"{where}: speed.pack_rank_samples needs train.per_device_train_batch_size: 1 (one "
+                               "packed row per micro-step); set it, or turn pack_rank_samples off.")
     if v["train"].get("bf16") and res["gpus_per_node"] == 0:
         raise SftjobsError(f"{where}: train.bf16 is true but resources.gpus_per_node is 0; a CPU run needs bf16: false.")
 

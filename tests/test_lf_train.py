@@ -85,6 +85,24 @@ def test_balanced_order_trains_the_same_steps_on_two_ranks(lf_setup):
     assert summary["max_rank_tokens_after"] < 0.95 * summary["max_rank_tokens_before"], summary
 
 
+def test_packed_rank_samples_train_the_same_steps_on_two_ranks(lf_setup):
+    """Each rank's samples of a step packed into sample-isolated rows, some rows empty: same losses and gradient
+    norms as the plain order (same samples per step, the loss normalised by the step's supervised tokens)."""
+    plain, _ = train(lf_setup, "plain_g", "gradient_accumulation_steps=4", ranks=2, port=29644)
+    packed, err = train(lf_setup, "packed_g", "--pack-rank-samples", "gradient_accumulation_steps=4", ranks=2,
+                        port=29645)
+    assert len(plain) == 6
+    assert close(packed, plain), (packed, plain)
+    norms = [[r["grad_norm"] for r in map(json.loads, (lf_setup / n / "trainer_log.jsonl").read_text().splitlines())
+              if "grad_norm" in r] for n in ("plain_g", "packed_g")]
+    assert close(norms[1], norms[0]), norms
+    found = re.search(r"\[sftjobs train\] pack rank samples: (\{.*?\})", err)
+    assert found, err[-3000:]
+    summary = json.loads(found.group(1))
+    assert summary["empty_packs_per_step"] > 0, summary   # samples really shared rows
+    assert summary["slowest_over_mean_after"] < summary["slowest_over_mean_before"], summary
+
+
 def test_per_sample_attention_matches_the_block_diagonal_mask(lf_setup):
     packed = ["packing=true", "cutoff_len=2048", "gradient_accumulation_steps=1", "max_steps=4"]
     mask, _ = train(lf_setup, "neat_mask", *packed, "neat_packing=true", f"tokenized_path={lf_setup / 'tok_neat'}")

@@ -78,3 +78,54 @@ def test_a_wrong_chunk_size_is_refused():
         rb.balance_chunk([0, 1, 2], [1, 2, 3], world=2, per_device=1, accum=2)
     with pytest.raises(ValueError):
         rb.balance_chunk([0, 1], [1, 2], world=2, per_device=1, accum=1, layout="zigzag")
+
+
+# ----------------------------------------------------------------------------- packs (speed.pack_rank_samples)
+
+
+@pytest.mark.parametrize("layout", rb.LAYOUTS)
+@pytest.mark.parametrize("world,accum", [(8, 2), (4, 2), (4, 4), (2, 8), (1, 4)])
+def test_packs_keep_each_steps_samples_within_capacity(layout, world, accum):
+    lengths = lognormal_lengths(1003)
+    capacity = max(lengths)
+    base = list(range(len(lengths)))
+    random.Random(2).shuffle(base)
+    packs = list(rb.packed_order(base, lengths, world, accum, capacity, layout, attention_span=20000))
+    chunk = world * accum
+    assert len(packs) == len(base)  # one pack per position: the trainer's step count is unchanged
+    full = len(base) - len(base) % chunk
+    for start in range(0, full, chunk):
+        step = packs[start:start + chunk]
+        members = [i for pack in step for i in pack]
+        assert sorted(members) == sorted(base[start:start + chunk])
+        assert all(sum(lengths[i] for i in pack) <= capacity for pack in step)
+    assert packs[full:] == [(i,) for i in base[full:]]
+
+
+def test_packs_beat_one_sample_per_micro_step():
+    """8 GPUs x ga 2 (the plan's step) and 4 x 4: the slowest GPU's cost falls, towards the bound that the
+    longest sample of a step sets; some packs are empty (one GPU took a long sample alone)."""
+    lengths = lognormal_lengths(3200, seed=5)
+    base = list(range(len(lengths)))
+    random.Random(6).shuffle(base)
+    for world, accum in ((8, 2), (4, 4)):
+        balanced = [(i,) for i in rb.balanced_order(base, lengths, world, 1, accum, "ranks")]
+        packs = list(rb.packed_order(base, lengths, world, accum, max(lengths), "ranks", 20000))
+        one = rb.pack_summary(base, balanced, lengths, world, accum, 20000)
+        packed = rb.pack_summary(base, packs, lengths, world, accum, 20000)
+        assert packed["slowest_over_mean_after"] < one["slowest_over_mean_after"] - 0.03, (world, one, packed)
+        assert packed["empty_packs_per_step"] > 0
+
+
+def test_rounds_puts_each_ranks_largest_pack_first():
+    lengths = [9000, 5000, 4000, 3000, 800, 700, 600, 500]
+    packs = rb.pack_chunk(range(8), lengths, world=2, accum=4, capacity=9000, layout="rounds")
+    sizes = [[sum(lengths[i] for i in packs[m * 2 + r]) for m in range(4)] for r in range(2)]
+    assert all(s == sorted(s, reverse=True) for s in sizes), sizes
+    assert sorted(sum(s) for s in sizes) == [11600, 12000]  # LPT: 9000 + 3000 | 5000 + 4000 + the four short
+
+
+def test_packs_fall_back_to_one_sample_each_when_they_cannot_fit():
+    lengths = [10, 10, 10, 10]
+    packs = rb.pack_chunk(range(4), lengths, world=2, accum=2, capacity=5)  # capacity below every sample
+    assert sorted(packs) == [(0,), (1,), (2,), (3,)]

@@ -9,6 +9,8 @@ the YAML and key=value overrides are read by LLaMA-Factory's own parser, unchang
   --balance-ranks         each optimizer step's samples are spread over the GPUs by length (rank_balance.py);
                           the samples of every step stay the ones the trainer's random order gives
   --per-sample-attention  causal SDPA per packed sample where flash-attn is missing (per_sample_attention.py)
+  --pack-rank-samples     --balance-ranks with each GPU's samples of a step packed into its micro-batches
+                          (rank_balance.pack_chunk; PackedRows), attention kept inside each sample
   always                  a batch of one unpacked row is not padded to a multiple of 8, so SDPA keeps its causal
                           flash kernel (install_unpadded_single_rows)
   --memory-log PREFIX     every logging step, each rank appends its CUDA allocator numbers to PREFIX-rank<R>.jsonl:
@@ -65,15 +67,26 @@ def make_balanced_sampler_class():
     class BalancedSampler(torch.utils.data.Sampler):
         """The base sampler's order, reordered inside each optimizer step (rank_balance.balanced_order)."""
 
-        def __init__(self, base, lengths, world: int, per_device: int, accum: int, layout: str):
+        def __init__(self, base, lengths, world: int, per_device: int, accum: int, layout: str,
+                     pack_capacity: int | None = None, attention_span: float | None = None):
             self.base, self.lengths = base, lengths
             self.world, self.per_device, self.accum, self.layout = world, per_device, accum, layout
+            self.pack_capacity, self.attention_span = pack_capacity, attention_span
 
         def __len__(self) -> int:
             return len(self.base)
 
         def __iter__(self):
             base = list(iter(self.base))
+            if self.pack_capacity:  # tuples of indices: PackedRows merges each into one row
+                packs = list(rank_balance.packed_order(base, self.lengths, self.world, self.accum,
+                                                       self.pack_capacity, self.layout, self.attention_span))
+                if not getattr(self, "reported", False):
+                    self.reported = True
+                    log("pack rank samples: " + json.dumps(rank_balance.pack_summary(
+                        base, packs, self.lengths, self.world, self.accum, self.attention_span)))
+                yield from packs
+                return
             order = list(rank_balance.balanced_order(base, self.lengths, self.world, self.per_device, self.accum,
                                                      self.layout))
             if not getattr(self, "reported", False):
@@ -109,7 +122,20 @@ def zero_stage(trainer) -> int | None:
     return getattr(plugin, "zero_stage", None) if plugin is not None else None
 
 
-def install_balanced_sampler() -> None:
+def attention_span(model) -> float | None:
+    """The sample length at which causal attention costs about as much as the rest of the model: parameters over
+    (hidden size x layers), halved because attention kernels reach about half the matmul rate."""
+    config = getattr(model, "config", None)
+    hidden, layers = getattr(config, "hidden_size", None), getattr(config, "num_hidden_layers", None)
+    if not hidden or not layers:
+        return None
+    params = sum(getattr(p, "ds_numel", 0) or p.numel() for p in model.parameters())
+    return params / (hidden * layers) / 2
+
+
+def install_balanced_sampler(pack: bool = False) -> None:
+    """speed.balance_ranks; with ``pack`` (speed.pack_rank_samples) the sampler yields packs of indices, which
+    install_packed_rows turns into rows."""
     from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
 
     original = CustomSeq2SeqTrainer._get_train_sampler
@@ -120,7 +146,7 @@ def install_balanced_sampler() -> None:
         dataset = (args[0] if args else kwargs.get("train_dataset")) or self.train_dataset
         if sampler is None or dataset is None:
             return sampler
-        lengths = token_lengths(dataset)
+        lengths = token_lengths(getattr(dataset, "rows", dataset))
         if lengths is None:
             log("balance ranks: the training set has no token lengths (streaming?); keeping the trainer's order")
             return sampler
@@ -130,9 +156,85 @@ def install_balanced_sampler() -> None:
         per_device, accum = self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps
         log(f"balance ranks: {len(lengths)} rows, {world} ranks x {per_device} x ga {accum}, "
             f"layout {layout} (ZeRO stage {stage})")
-        return BalancedSampler(seedable_base(self, sampler), lengths, world, per_device, accum, layout)
+        if not pack:
+            return BalancedSampler(seedable_base(self, sampler), lengths, world, per_device, accum, layout)
+        if per_device != 1 or not hasattr(dataset, "rows"):
+            raise RuntimeError(f"pack rank samples needs per_device_train_batch_size 1 and an unpacked data set "
+                               f"(got {per_device}, {type(dataset).__name__})")
+        capacity = max(lengths, default=1)  # a pack needs no more memory than the longest sample alone
+        span = attention_span(self.model)
+        log(f"pack rank samples: packs of <= {capacity} tokens, attention span {span and round(span)}")
+        return BalancedSampler(seedable_base(self, sampler), lengths, world, per_device, accum, layout,
+                               pack_capacity=capacity, attention_span=span)
 
     CustomSeq2SeqTrainer._get_train_sampler = _get_train_sampler
+
+
+# ----------------------------------------------------------------------------- packed rows
+
+
+def merge_rows(rows: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Samples as one row: input_ids and labels concatenated, position ids restarting per sample (where
+    per-sample attention finds the boundaries), no mask. No samples: a one-token row without labels."""
+    if not rows:
+        return {"input_ids": [pad_id], "attention_mask": [1], "labels": [IGNORE_INDEX], "position_ids": [0]}
+    merged: dict[str, Any] = {"input_ids": [], "attention_mask": [], "labels": [], "position_ids": []}
+    for row in rows:
+        if any(row.get(key) for key in ("images", "videos", "audios")):
+            raise RuntimeError("pack rank samples is for text data; this set has images, videos or audios")
+        merged["input_ids"] += row["input_ids"]
+        merged["labels"] += row["labels"]
+        merged["attention_mask"] += [1] * len(row["input_ids"])
+        merged["position_ids"] += list(range(len(row["input_ids"])))
+    return merged
+
+
+def make_packed_rows_class():
+    import torch
+
+    class PackedRows(torch.utils.data.Dataset):
+        """The tokenized set, read by the packed sampler's tuples of indices (one merged row each)."""
+
+        def __init__(self, rows, pad_id: int):
+            self.rows, self.pad_id = rows, pad_id
+
+        def __len__(self) -> int:
+            return len(self.rows)
+
+        def __getitem__(self, key):
+            if isinstance(key, tuple):
+                return merge_rows([self.rows[i] for i in key], self.pad_id)
+            return self.rows[key]
+
+        def __getitems__(self, keys):
+            return [self[key] for key in keys]
+
+    return PackedRows
+
+
+PackedRows: Any = None
+IGNORE_INDEX = -100
+
+
+def install_packed_rows() -> None:
+    """The training dataloader reads PackedRows; with install_balanced_sampler(pack=True) and per-sample
+    attention this is speed.pack_rank_samples."""
+    global PackedRows
+    from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
+
+    PackedRows = make_packed_rows_class()
+    original = CustomSeq2SeqTrainer.get_train_dataloader
+
+    def get_train_dataloader(self):
+        rows = self.train_dataset
+        pad_id = getattr(self.processing_class, "pad_token_id", None)
+        self.train_dataset = PackedRows(rows, 0 if pad_id is None else pad_id)
+        try:
+            return original(self)
+        finally:
+            self.train_dataset = rows
+
+    CustomSeq2SeqTrainer.get_train_dataloader = get_train_dataloader
 
 
 # ----------------------------------------------------------------------------- single rows unpadded
@@ -209,6 +311,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m sftjobs.steps.lf_train", description=__doc__.splitlines()[0])
     parser.add_argument("--balance-ranks", action="store_true")
     parser.add_argument("--per-sample-attention", action="store_true")
+    parser.add_argument("--pack-rank-samples", action="store_true")
     parser.add_argument("--memory-log", metavar="PREFIX")
     parser.add_argument("config", help="LLaMA-Factory training YAML")
     parser.add_argument("overrides", nargs="*", help="key=value, as llamafactory-cli takes them")
@@ -219,12 +322,16 @@ def main(argv: list[str] | None = None) -> None:
     opts = parse_args(sys.argv[1:] if argv is None else argv)
     callbacks: list[Any] = []
     install_unpadded_single_rows()
-    if opts.balance_ranks:
+    if opts.pack_rank_samples:
+        install_balanced_sampler(pack=True)
+        install_packed_rows()
+    elif opts.balance_ranks:
         install_balanced_sampler()
-    if opts.per_sample_attention:
+    if opts.per_sample_attention or opts.pack_rank_samples:
         from sftjobs.steps import per_sample_attention
 
-        per_sample_attention.install(log=log)
+        # packed rows need it even where flash-attn is installed: the row's mask is all ones
+        per_sample_attention.install(log=log, always=opts.pack_rank_samples)
     if opts.memory_log:
         callbacks.append(make_memory_callback(opts.memory_log))
     from llamafactory.train.tuner import run_exp

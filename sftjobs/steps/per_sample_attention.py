@@ -64,12 +64,12 @@ def sample_bounds(position_ids, batch: int, length: int) -> list[list[int]]:
     return _CACHE[1]
 
 
-def install(log=print) -> bool:
+def install(log=print, always: bool = False) -> bool:
     """Register the attention and route LLaMA-Factory's model and collator to it. False (and nothing changed)
-    where flash-attn is installed: its varlen kernel already does this."""
+    where flash-attn is installed, unless ``always``: its varlen kernel already does this for neat_packing."""
     import importlib.util
 
-    if importlib.util.find_spec("flash_attn") is not None:
+    if importlib.util.find_spec("flash_attn") is not None and not always:
         log("per-sample attention: flash-attn is installed; LLaMA-Factory uses its varlen kernel")
         return False
     import llamafactory.train.sft.workflow as workflow

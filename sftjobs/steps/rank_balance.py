@@ -16,6 +16,14 @@ Two layouts, for the two ways gradients are synchronised:
           only each rank's total matters: longest-first to the least loaded rank that still has room.
 
 Lengths are token counts; the attention part of the cost grows faster than that, so balance is approximate.
+
+Packed (``pack_chunk``, speed.pack_rank_samples): with bs 1 every rank still computes ``accum`` samples per step,
+so one long sample sets the pace (8 GPUs x 2 samples of ARPO-like lengths: the slowest rank carries 1.7x the mean).
+Instead, the step's ``world x accum`` samples are dealt as ``world x accum`` *packs*: a pack holds any number of
+the step's samples (up to ``capacity`` tokens, the one-row memory budget), is trained as one row with attention
+kept inside each sample, and may be empty (a one-token row without labels). A rank can then take the longest
+sample alone while another takes four short ones. The samples of every step, and the loss (the sum over the
+step's supervised tokens divided by their number), stay those of the unpacked run.
 """
 
 from __future__ import annotations
@@ -72,6 +80,81 @@ def balance_chunk(indices: Sequence[int], lengths: Sequence[int], world: int, pe
             mine = filled[rank]  # already longest first: consecutive ones share a micro-batch
             assignment[rank] = [mine[m * per_device:(m + 1) * per_device] for m in range(accum)]
     return _place(assignment, world, per_device, accum)
+
+
+def sample_cost(length: int, attention_span: float | None = None) -> float:
+    """Relative compute of one sample: linear in its tokens, plus causal attention (quadratic) where the model's
+    attention_span (the length at which attention costs as much as the rest) is known."""
+    return length + (length * length / attention_span if attention_span else 0.0)
+
+
+def pack_chunk(indices: Sequence[int], lengths: Sequence[int], world: int, accum: int, capacity: int,
+               layout: str = "ranks", attention_span: float | None = None) -> list[tuple[int, ...]]:
+    """One optimizer step's samples as ``world x accum`` packs, in the order accelerate deals them out (bs 1).
+
+    Longest first, each sample goes to the least loaded rank (by ``sample_cost``) that has a pack with room, into
+    that rank's fullest pack where it fits. With ``layout`` rounds (ZeRO-2/3: a sync after every micro-step) each
+    rank's packs are ordered largest first, so micro-step m holds every rank's m-th largest. Where the greedy
+    cannot place a sample, the chunk falls back to one sample per pack (``balance_chunk``)."""
+    if len(indices) != world * accum:
+        raise ValueError(f"a chunk holds world x accum = {world * accum} samples, not {len(indices)}")
+    ranked = sorted(indices, key=lambda i: (-lengths[i], i))
+    packs: list[list[list[int]]] = [[[] for _ in range(accum)] for _ in range(world)]
+    room = [[capacity] * accum for _ in range(world)]
+    load = [0.0] * world
+    for index in ranked:
+        length = lengths[index]
+        for rank in sorted(range(world), key=lambda r: (load[r], r)):
+            fits = [m for m in range(accum) if room[rank][m] >= length]
+            if fits:
+                micro = min(fits, key=lambda m: (room[rank][m], m))
+                packs[rank][micro].append(index)
+                room[rank][micro] -= length
+                load[rank] += sample_cost(length, attention_span)
+                break
+        else:
+            return [(i,) for i in balance_chunk(indices, lengths, world, 1, accum, layout)]
+    if layout == "rounds":
+        for rank in range(world):
+            packs[rank].sort(key=lambda p: -sum(lengths[i] for i in p))
+    order: list[tuple[int, ...]] = [()] * (world * accum)
+    for rank in range(world):
+        for micro in range(accum):
+            order[micro * world + rank] = tuple(packs[rank][micro])
+    return order
+
+
+def packed_order(base: Sequence[int], lengths: Sequence[int], world: int, accum: int, capacity: int,
+                 layout: str = "ranks", attention_span: float | None = None) -> Iterator[tuple[int, ...]]:
+    """``base`` (the trainer's random order) as packs, one full optimizer step at a time; a last partial step
+    keeps its base order, one sample per pack."""
+    chunk = world * accum
+    full = len(base) - len(base) % chunk
+    for start in range(0, full, chunk):
+        yield from pack_chunk(base[start:start + chunk], lengths, world, accum, capacity, layout, attention_span)
+    yield from ((i,) for i in base[full:])
+
+
+def pack_summary(base: Sequence[int], packs: Sequence[tuple[int, ...]], lengths: Sequence[int], world: int,
+                 accum: int, attention_span: float | None = None) -> dict[str, float]:
+    """Mean over optimizer steps of the slowest rank's cost (sample_cost, summed over its micro-steps) against
+    the mean rank's, for the trainer's order (one sample per micro-step) and for the packs; and empty packs per
+    step (one-token rows)."""
+    chunk = world * accum
+
+    def ratio(groups: Sequence[tuple[int, ...]]) -> float:
+        slowest = mean = 0.0
+        for start in range(0, len(groups) - len(groups) % chunk, chunk):
+            totals = [0.0] * world
+            for pos, group in enumerate(groups[start:start + chunk]):
+                totals[pos % world] += sum(sample_cost(lengths[i], attention_span) for i in group)
+            slowest, mean = slowest + max(totals), mean + sum(totals) / world
+        return round(slowest / mean, 3) if mean else 1.0
+
+    steps = len(base) // chunk
+    empty = sum(1 for p in packs[:steps * chunk] if not p)
+    return {"steps": steps, "slowest_over_mean_before": ratio([(i,) for i in base]),
+            "slowest_over_mean_after": ratio(packs), "empty_packs_per_step": round(empty / steps, 2) if steps else 0}
 
 
 def balanced_order(base: Sequence[int], lengths: Sequence[int], world: int, per_device: int, accum: int,

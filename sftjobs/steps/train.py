@@ -83,6 +83,8 @@ def training_command(config: Path, resume: Path | None, speed: dict | None = Non
         entry.append("--balance-ranks")
     if speed.get("per_sample_attention"):
         entry.append("--per-sample-attention")
+    if speed.get("pack_rank_samples"):
+        entry.append("--pack-rank-samples")
     if memory_log is not None:
         entry += ["--memory-log", str(memory_log)]
     entry.append(str(config))
