@@ -129,3 +129,16 @@ def test_packs_fall_back_to_one_sample_each_when_they_cannot_fit():
     lengths = [10, 10, 10, 10]
     packs = rb.pack_chunk(range(4), lengths, world=2, accum=2, capacity=5)  # capacity below every sample
     assert sorted(packs) == [(0,), (1,), (2,), (3,)]
+
+
+def test_merged_rows_restart_positions_and_empty_packs_carry_no_labels():
+    from sftjobs.steps.lf_train import merge_rows
+
+    rows = [{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7], "images": None},
+            {"input_ids": [8, 9], "attention_mask": [1, 1], "labels": [-100, 9]}]
+    merged = merge_rows(rows, pad_id=0)
+    assert merged == {"input_ids": [5, 6, 7, 8, 9], "attention_mask": [1] * 5, "labels": [-100, 6, 7, -100, 9],
+                      "position_ids": [0, 1, 2, 0, 1]}
+    assert merge_rows([], pad_id=0) == {"input_ids": [0], "attention_mask": [1], "labels": [-100], "position_ids": [0]}
+    with pytest.raises(RuntimeError, match="text data"):
+        merge_rows([{**rows[0], "images": ["a.png"]}], pad_id=0)

@@ -32,6 +32,7 @@ from typing import Any
 from sftjobs.steps import rank_balance
 
 LENGTH_SLICE = 4096  # rows per Arrow slice when reading token counts
+IGNORE_INDEX = -100  # LLaMA-Factory's and transformers' label for "no loss here"
 
 
 def log(message: str) -> None:
@@ -212,23 +213,18 @@ def make_packed_rows_class():
     return PackedRows
 
 
-PackedRows: Any = None
-IGNORE_INDEX = -100
-
-
 def install_packed_rows() -> None:
     """The training dataloader reads PackedRows; with install_balanced_sampler(pack=True) and per-sample
     attention this is speed.pack_rank_samples."""
-    global PackedRows
     from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
 
-    PackedRows = make_packed_rows_class()
+    packed_rows = make_packed_rows_class()
     original = CustomSeq2SeqTrainer.get_train_dataloader
 
     def get_train_dataloader(self):
         rows = self.train_dataset
         pad_id = getattr(self.processing_class, "pad_token_id", None)
-        self.train_dataset = PackedRows(rows, 0 if pad_id is None else pad_id)
+        self.train_dataset = packed_rows(rows, 0 if pad_id is None else pad_id)
         try:
             return original(self)
         finally:
