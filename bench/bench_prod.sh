@@ -24,6 +24,7 @@
 #   S1B      SB on ZeRO-1 (bench/experiments/z1.ds.json): gradients reduced once per optimizer step, ranks balanced
 #            by their token totals
 #   X:NAME   an experiment: S + the --set lines of bench/experiments/NAME.sets
+#   PX:NAME  an experiment: P with bench/experiments/NAME.ds.json merged into its DeepSpeed config
 #   chain    `sftjobs submit prod --dry-run-first --executor local` as configs/prod.yaml stands: data -> model ->
 #            preflight -> dry run (DRY_SAMPLES samples) -> validate_dry_run, then the full run is cancelled
 # Each training item is `torchrun bench/lf_bench.py <the rendered train.yaml>` (= FORCE_TORCHRUN=1
@@ -199,6 +200,10 @@ for item in $ITEMS; do
                --set deepspeed=z2 --set train.disable_gradient_checkpointing=false ;;
     fastnr) lfrun fastnr fast "$LIMIT_FAST" "$STEPS_FAST" tok_neat "$PROPOSAL_ENV BENCH_SEGMENT_ATTN=1" \
               --set deepspeed=z2 --set train.disable_gradient_checkpointing=true ;;
+    PX:*) n=${item#PX:}
+       DSPATCH=bench/experiments/$n.ds.json lfrun "P_$n" prod "$LIMIT_S" "$STEPS_S" tok_nopack \
+         "$PROPOSAL_ENV BENCH_PACK=1 BENCH_UNPAD=1 ${P_ENV:-}" --set "batch.global_size=$((2 * NG))" \
+         --set "resources.gpu_memory_gib=$GPU_GIB" ;;
     X:*) n=${item#X:}; sets_arr "bench/experiments/$n.sets" XS
        DSPATCH=bench/experiments/$n.ds.json lfrun "S_$n" prod "$LIMIT_S" "$STEPS_S" tok_nopack "$PROPOSAL_ENV" "${PROP[@]}" "${XS[@]}" ;;
     chain) chain ;;
