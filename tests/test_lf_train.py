@@ -1,6 +1,7 @@
 """sftjobs' training entry (sftjobs.steps.lf_train) through the real LLaMA-Factory on the CPU: the
-length-balanced order trains exactly the steps the trainer's own order trains (two ranks, torchrun, gloo), and
-per-sample attention gives what LLaMA-Factory's 4D block-diagonal mask gives, unlike plain packing."""
+length-balanced order, and each rank's samples packed into sample-isolated rows, train exactly the steps the
+trainer's own order trains (two ranks, torchrun, gloo), and per-sample attention gives what LLaMA-Factory's 4D
+block-diagonal mask gives, unlike plain packing."""
 
 import json
 import os
