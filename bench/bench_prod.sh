@@ -188,11 +188,14 @@ for item in $ITEMS; do
           grep -h "memory plan" "$W/out_fast/render.log" ;;
     fastmask) lfrun fastmask fast "$LIMIT_FAST" "$STEPS_FAST" tok_neat "$PROPOSAL_ENV" --set deepspeed=z2 \
                 --set train.disable_gradient_checkpointing=false ;;
-    P|Pb|Ppad) case $item in P) mode="BENCH_PACK=1 BENCH_UNPAD=1" ;; Pb) mode="BENCH_BALANCE=1 BENCH_UNPAD=1" ;;
-                                Ppad) mode="BENCH_BALANCE=1" ;; esac
-       lfrun "$item" prod "$LIMIT_S" "$STEPS_S" tok_nopack "$PROPOSAL_ENV $mode ${P_ENV:-}" \
+    P|Pb|Ppad|PX:*) name=$item; patch=
+       case $item in P) mode="BENCH_PACK=1 BENCH_UNPAD=1" ;; Pb) mode="BENCH_BALANCE=1 BENCH_UNPAD=1" ;;
+                     Ppad) mode="BENCH_BALANCE=1" ;;
+                     PX:*) mode="BENCH_PACK=1 BENCH_UNPAD=1"; name=P_${item#PX:}
+                           patch=bench/experiments/${item#PX:}.ds.json ;; esac
+       DSPATCH=$patch lfrun "$name" prod "$LIMIT_S" "$STEPS_S" tok_nopack "$PROPOSAL_ENV $mode ${P_ENV:-}" \
          --set "batch.global_size=$((2 * NG))" --set "resources.gpu_memory_gib=$GPU_GIB"
-       grep -h "memory plan" "$W/out_$item/render.log" ;;
+       grep -h "memory plan" "$W/out_$name/render.log" ;;
     SB) lfrun SB prod "$LIMIT_S" "$STEPS_S" tok_nopack "$PROPOSAL_ENV BENCH_BALANCE=1 ${S_ENV:-}" "${PROP[@]}" ;;
     S1B) DSPATCH=bench/experiments/z1.ds.json lfrun S1B prod "$LIMIT_S" "$STEPS_S" tok_nopack \
            "$PROPOSAL_ENV BENCH_BALANCE=1 ${S_ENV:-}" "${PROP[@]}" ;;
@@ -200,10 +203,6 @@ for item in $ITEMS; do
                --set deepspeed=z2 --set train.disable_gradient_checkpointing=false ;;
     fastnr) lfrun fastnr fast "$LIMIT_FAST" "$STEPS_FAST" tok_neat "$PROPOSAL_ENV BENCH_SEGMENT_ATTN=1" \
               --set deepspeed=z2 --set train.disable_gradient_checkpointing=true ;;
-    PX:*) n=${item#PX:}
-       DSPATCH=bench/experiments/$n.ds.json lfrun "P_$n" prod "$LIMIT_S" "$STEPS_S" tok_nopack \
-         "$PROPOSAL_ENV BENCH_PACK=1 BENCH_UNPAD=1 ${P_ENV:-}" --set "batch.global_size=$((2 * NG))" \
-         --set "resources.gpu_memory_gib=$GPU_GIB" ;;
     X:*) n=${item#X:}; sets_arr "bench/experiments/$n.sets" XS
        DSPATCH=bench/experiments/$n.ds.json lfrun "S_$n" prod "$LIMIT_S" "$STEPS_S" tok_nopack "$PROPOSAL_ENV" "${PROP[@]}" "${XS[@]}" ;;
     chain) chain ;;

@@ -145,13 +145,10 @@ if __name__ == "__main__":
         from sftjobs.steps.lf_train import install_unpadded_single_rows
 
         install_unpadded_single_rows()
-    if os.environ.get("BENCH_PACK") == "1":  # speed.pack_rank_samples
-        from sftjobs.steps.lf_train import install_balanced_sampler, install_packed_rows
-        from sftjobs.steps.per_sample_attention import install
+    if os.environ.get("BENCH_PACK") == "1":
+        from sftjobs.steps.lf_train import install_pack_rank_samples
 
-        install_balanced_sampler(pack=True)
-        install_packed_rows()
-        install(always=True)
+        install_pack_rank_samples()
     elif os.environ.get("BENCH_BALANCE") == "1":
         from sftjobs.steps.lf_train import install_balanced_sampler
 

@@ -79,21 +79,18 @@ def make_balanced_sampler_class():
 
         def __iter__(self):
             base = list(iter(self.base))
+            args = (self.lengths, self.world, self.per_device, self.accum)
             if self.pack_capacity:  # tuples of indices: PackedRows merges each into one row
-                packs = list(rank_balance.packed_order(base, self.lengths, self.world, self.accum,
+                order = list(rank_balance.packed_order(base, self.lengths, self.world, self.accum,
                                                        self.pack_capacity, self.layout, self.attention_span))
-                if not getattr(self, "reported", False):
-                    self.reported = True
-                    log("pack rank samples: " + json.dumps(rank_balance.pack_summary(
-                        base, packs, self.lengths, self.world, self.accum, self.attention_span)))
-                yield from packs
-                return
-            order = list(rank_balance.balanced_order(base, self.lengths, self.world, self.per_device, self.accum,
-                                                     self.layout))
-            if not getattr(self, "reported", False):
+                label, stats = "pack rank samples", lambda: rank_balance.pack_summary(
+                    base, order, self.lengths, self.world, self.accum, self.attention_span)
+            else:
+                order = list(rank_balance.balanced_order(base, *args, self.layout))
+                label, stats = "balance ranks", lambda: rank_balance.summary(base, order, *args)
+            if not getattr(self, "reported", False):  # once per run: the first epoch's order
                 self.reported = True
-                log("balance ranks: " + json.dumps(rank_balance.summary(base, order, self.lengths, self.world,
-                                                                        self.per_device, self.accum)))
+                log(f"{label}: {json.dumps(stats())}")
             yield from order
 
         def set_epoch(self, epoch: int) -> None:  # accelerate forwards the epoch: the base reshuffles by it
@@ -213,9 +210,18 @@ def make_packed_rows_class():
     return PackedRows
 
 
+def install_pack_rank_samples() -> None:
+    """speed.pack_rank_samples: the packed sampler, PackedRows behind it, and per-sample attention (needed even
+    where flash-attn is installed: a packed row's mask is all ones)."""
+    from sftjobs.steps import per_sample_attention
+
+    install_balanced_sampler(pack=True)
+    install_packed_rows()
+    per_sample_attention.install(log=log, always=True)
+
+
 def install_packed_rows() -> None:
-    """The training dataloader reads PackedRows; with install_balanced_sampler(pack=True) and per-sample
-    attention this is speed.pack_rank_samples."""
+    """The training dataloader reads PackedRows (part of install_pack_rank_samples)."""
     from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
 
     packed_rows = make_packed_rows_class()
@@ -319,15 +325,13 @@ def main(argv: list[str] | None = None) -> None:
     callbacks: list[Any] = []
     install_unpadded_single_rows()
     if opts.pack_rank_samples:
-        install_balanced_sampler(pack=True)
-        install_packed_rows()
+        install_pack_rank_samples()
     elif opts.balance_ranks:
         install_balanced_sampler()
-    if opts.per_sample_attention or opts.pack_rank_samples:
+    if opts.per_sample_attention and not opts.pack_rank_samples:
         from sftjobs.steps import per_sample_attention
 
-        # packed rows need it even where flash-attn is installed: the row's mask is all ones
-        per_sample_attention.install(log=log, always=opts.pack_rank_samples)
+        per_sample_attention.install(log=log)
     if opts.memory_log:
         callbacks.append(make_memory_callback(opts.memory_log))
     from llamafactory.train.tuner import run_exp
