@@ -7,16 +7,20 @@
 #
 # Items run in the order given, each only while the time budget (BUDGET_S from the start) leaves room for it:
 #   nccl     NCCL bus bandwidth between the GPUs (bench/nccl_bw.py)
+#   attn     per-sample attention of one layer on packs, torch's flash varlen call vs the SDPA loop (probe_gpu.py --attn)
+#   gputest  pytest -m gpu: the GPU-only tests (varlen against the loop: outputs, gradients, a Qwen2 forward/backward)
 #   probe    single-GPU plain-PyTorch probes (bench/probe_gpu.py: compute floor, memory without recompute)
 #   A        the plan's config: `sftjobs render prod` + bench/plan_config.sets (ZeRO-3 + CPU offload, bs1 x ga2)
 #   P        `sftjobs render prod` as configs/prod.yaml stands (deepspeed auto for this card's memory, balanced ranks),
 #            with batch.global_size = 2 x GPUs: the per-GPU work of an 8-GPU prod step (bs 1 x ga 2 per GPU)
 #            (configs/prod.yaml: speed.pack_rank_samples, i.e. BENCH_PACK=1)
+#   Ploop    P with per-sample attention as an SDPA loop instead of torch's flash varlen kernel (session 3's P)
 #   Pb       P with balanced ranks but without packing each GPU's samples (session 2's P)
 #   Ppad     Pb without sftjobs' unpadded one-row batches (LLaMA-Factory pads to a multiple of 8 -> L x L mask)
 #   S        `sftjobs render prod` + bench/prod_proposal.sets (session 1's proposal: ZeRO-2, no balancing)
 #   fast     `sftjobs render fast` as configs/fast.yaml stands: neat_packing + Liger, speed.per_sample_attention
-#            (causal SDPA per packed sample, as a varlen kernel), deepspeed auto (recompute only where needed)
+#            (torch's flash varlen kernel where torch has it, else causal SDPA per sample), deepspeed auto (recompute only where needed)
+#   fastloop fast with per-sample attention as an SDPA loop instead of torch's flash varlen kernel (session 3's fast)
 #   fastmask fast with LLaMA-Factory's SDPA 4D block-diagonal mask (no per-sample attention), ZeRO-2 + recompute
 #   fastseg  fast on ZeRO-2 with recompute (sessions 1-3's fast)
 #   fastnr   fastseg without gradient checkpointing (session 3 call 1)
@@ -178,6 +182,9 @@ EOF
 for item in $ITEMS; do
   case $item in
     nccl) [ "$NG" -gt 1 ] && timeout 90 torchrun --nproc_per_node "$NG" --master_port 29599 bench/nccl_bw.py "$W/nccl.json" 2>&1 | tail -2 ;;
+    attn) timeout 120 python3 bench/probe_gpu.py --attn "$W/attn.json" 2>&1 | grep -v Warn | tail -8 ;;
+    gputest) timeout 180 python3 -m pytest -p no:cacheprovider -q -m gpu tests/test_per_sample_attention_gpu.py 2>&1 \
+               | tail -15 | tee "$W/gputest.txt" ;;
     probe) [ "$(left)" -gt 100 ] && timeout $(( $(left) < 150 ? $(left) - 10 : 150 )) python3 bench/probe_gpu.py "${PROBE_MODEL:-qwen2.5-3b}" "$W/probe.json" 2>&1 | grep -v Warn | tail -30 ;;
     A) for i in $(seq 60); do grep -q "cpu_adam built\|Error" "$W/cpu_adam_build.log" 2>/dev/null && break; sleep 2; done
        lfrun A prod "$LIMIT_A" "$STEPS_A" tok_nopack "" "${PLAN[@]}" ;;
@@ -188,8 +195,11 @@ for item in $ITEMS; do
           grep -h "memory plan" "$W/out_fast/render.log" ;;
     fastmask) lfrun fastmask fast "$LIMIT_FAST" "$STEPS_FAST" tok_neat "$PROPOSAL_ENV" --set deepspeed=z2 \
                 --set train.disable_gradient_checkpointing=false ;;
-    P|Pb|Ppad|PX:*) name=$item; patch=
+    fastloop) lfrun fastloop fast "$LIMIT_FAST" "$STEPS_FAST" tok_neat "$PROPOSAL_ENV BENCH_SEGMENT_ATTN=1 BENCH_ATTN_LOOP=1" \
+                --set "resources.gpu_memory_gib=$GPU_GIB" ;;
+    P|Pb|Ppad|Ploop|PX:*) name=$item; patch=
        case $item in P) mode="BENCH_PACK=1 BENCH_UNPAD=1" ;; Pb) mode="BENCH_BALANCE=1 BENCH_UNPAD=1" ;;
+                     Ploop) mode="BENCH_PACK=1 BENCH_UNPAD=1 BENCH_ATTN_LOOP=1" ;;
                      Ppad) mode="BENCH_BALANCE=1" ;;
                      PX:*) mode="BENCH_PACK=1 BENCH_UNPAD=1"; name=P_${item#PX:}
                            patch=bench/experiments/${item#PX:}.ds.json ;; esac
@@ -212,7 +222,7 @@ done
 
 el "summarize"
 python3 bench/summarize_prod.py "$W" "$OUT/prod_$TAG.json" "$OUT/summary_$TAG.md" "$WARM" 2>&1 | tail -60
-cd "$W" && tar czf "$OUT/bench_$TAG.tgz" --exclude='*.safetensors' gpus.csv topo.txt peak.json nccl.json probe.json skipped.txt \
+cd "$W" && tar czf "$OUT/bench_$TAG.tgz" --exclude='*.safetensors' gpus.csv topo.txt peak.json nccl.json probe.json attn.json gputest.txt skipped.txt \
   cpu_adam_build.log sdpa_backend.txt data/sft.jsonl.stats.json out_*/timing_rank*.json out_*/smi.csv out_*/train.log out_*/train.yaml \
   out_*/deepspeed.json out_*/rc out_*/profile_rank0.txt chain_* jobs/*/plan.json jobs/*/logs jobs/*/reports jobs/*/monitor \
   jobs/*/llamafactory jobs/*/deepspeed.json jobs/*/handoff.json 2>/dev/null

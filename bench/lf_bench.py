@@ -17,6 +17,8 @@ Environment:
                        spread over the GPUs by length
   BENCH_PACK=1         sftjobs' speed.pack_rank_samples: balanced ranks, each GPU's samples of a step packed into
                        sample-isolated rows (per-sample attention)
+  BENCH_ATTN_LOOP=1    per-sample attention as causal SDPA once per sample even where torch's flash varlen kernel
+                       is there (sessions 1-3's kernel; compares against the varlen call)
 
 Tokens are counted as input_ids != pad_id (HF's "non_padding" mode sums attention_mask, which is wrong for
 neat_packing's index mask). Derived from ../shared/reference/gpu-bench/lf_train.py.
@@ -137,6 +139,11 @@ if __name__ == "__main__":
     if os.environ.get("BENCH_NO_CUDNN_SDPA") == "1":  # fallback where TORCH_CUDNN_SDPA_DEPRIORITIZED is unknown
         torch.backends.cuda.enable_cudnn_sdp(False)
         print("[bench] cuDNN SDPA disabled in-process", flush=True)
+    if os.environ.get("BENCH_ATTN_LOOP") == "1":
+        from sftjobs.steps import per_sample_attention
+
+        per_sample_attention.USE_VARLEN = False
+        print("[bench] per-sample attention: SDPA loop (varlen off)", flush=True)
     if os.environ.get("BENCH_SEGMENT_ATTN") == "1":
         from sftjobs.steps.per_sample_attention import install
 

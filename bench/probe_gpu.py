@@ -3,6 +3,7 @@
     python bench/probe_gpu.py MODEL_DIR_OR_SHAPE OUT.json     (a shape: qwen2.5-3b etc., random init on the GPU)
     python bench/probe_gpu.py --peak-only OUT.json
     python bench/probe_gpu.py --sdpa-op                       (prints the SDPA kernel torch picks here)
+    python bench/probe_gpu.py --attn OUT.json                 (per-sample attention: varlen call vs SDPA loop)
 
 1. bf16 matmul peak (8192^3, the MFU denominator), measured here.
 2. The model in bf16 with Liger's Qwen2 kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy):
@@ -65,9 +66,42 @@ def sdpa_op() -> str:
     return " ".join(sorted({e.name for e in prof.events() if e.name.startswith("aten::_scaled_dot_product")}))
 
 
+def attn_kernels(out: str) -> None:
+    """sftjobs' per-sample attention (the function the trainer calls) on packs of the 3B attention shape, fwd+bwd of
+    one layer: torch's flash varlen call against causal SDPA once per sample (USE_VARLEN off)."""
+    from sftjobs.steps import per_sample_attention as psa
+
+    H, Hkv, D = 16, 2, 128
+    packs = {"fast_pack_4x3750": [3000, 4000, 5000, 3000], "prod_pack_2": [5200, 2300], "one_sample": [3750],
+             "pack_of_20_short": [750] * 20, "longest": [14980]}
+    res: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                 "varlen_available": psa.varlen_causal() is not None, "ms_fwd_bwd_one_layer": {}}
+    for name, lens in packs.items():
+        L = sum(lens)
+        q = torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(1, Hkv, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(1, Hkv, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        row = {}
+        pos = torch.cat([torch.arange(n, device="cuda") for n in lens])[None]  # one forward's: boundaries cached
+        for label, varlen in (("varlen", True), ("loop", False)):
+            def call(varlen=varlen, q=q, k=k, v=v, pos=pos):
+                psa.USE_VARLEN = varlen
+                o, _ = psa.per_sample_sdpa(None, q, k, v, None, scaling=D ** -0.5, position_ids=pos)
+                o.sum().backward()
+            row[label] = round(1000 * timed(call, n=10, warm=3), 3)
+        psa.USE_VARLEN = True
+        res["ms_fwd_bwd_one_layer"][name] = row
+        print(name, row, flush=True)
+    with open(out, "w") as f:
+        json.dump(res, f, indent=1)
+
+
 def main() -> None:
     if sys.argv[1] == "--sdpa-op":
         print(sdpa_op())
+        return
+    if sys.argv[1] == "--attn":
+        attn_kernels(sys.argv[2])
         return
     model_dir, out = sys.argv[1], sys.argv[2]
     res: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}

@@ -30,8 +30,9 @@ DESCRIPTIONS = {
     "A": "the plan's prod config: `sftjobs render prod` of configs/prod.yaml as it stands (ZeRO-3 + CPU offload of "
          "params and optimizer, bs 1 x ga 2, no packing, attention auto -> SDPA, gradient checkpointing)",
     "P": "sftjobs' prod as configs/prod.yaml stands (deepspeed auto for the card's memory, balanced ranks with each "
-         "GPU's samples of a step packed into sample-isolated rows, Liger, SDPA off cuDNN), with batch.global_size = "
-         "2 x GPUs so each GPU does what it does in an 8-GPU prod step",
+         "GPU's samples of a step packed into sample-isolated rows attended by torch's flash varlen kernel, Liger, "
+         "SDPA off cuDNN), with batch.global_size = 2 x GPUs so each GPU does what it does in an 8-GPU prod step",
+    "Ploop": "P with per-sample attention as causal SDPA once per sample instead of the varlen kernel (session 3's P)",
     "Pb": "P with balanced ranks but one sample per micro-step (no packing of a GPU's samples): session 2's P",
     "Ppad": "Pb with LLaMA-Factory's padding of every batch to a multiple of 8 (what P had before sftjobs' training "
             "entry stopped padding one-row batches): transformers then passes an L x L mask and SDPA runs its "
@@ -41,6 +42,8 @@ DESCRIPTIONS = {
     "fast": "`sftjobs render fast` as configs/fast.yaml stands: neat_packing (sample-isolated packs of <= 15000 "
             "tokens), Liger, per-sample attention, deepspeed auto (recompute only where memory needs it), 1 pack per "
             "GPU per step",
+    "fastloop": "fast with per-sample attention as causal SDPA once per sample instead of torch's flash varlen kernel "
+                "(session 3's fast)",
     "fastmask": "fast on ZeRO-2 with recompute and LLaMA-Factory's SDPA 4D block-diagonal mask (no flash-attn here)",
     "fastseg": "fast on ZeRO-2 with recompute (sessions 1-3): per-sample causal SDPA (flash kernel) instead of the 4D "
                "mask, what a varlen attention kernel gives",
@@ -49,6 +52,14 @@ DESCRIPTIONS = {
           "length; ZeRO-2 reduces every micro-step, so micro-step m gets the m-th longest block",
     "S1B": "SB on ZeRO-1 (gradients reduced once per optimizer step); ranks balanced by their token totals",
 }
+
+
+def experiment_description(name: str) -> str:
+    if name.startswith("S_"):
+        return f"S + bench/experiments/{name[2:]}.sets"
+    if name.startswith("P_"):
+        return f"P with bench/experiments/{name[2:]}.ds.json merged into its DeepSpeed config"
+    return name
 
 
 def n_params_of(model_dir: str) -> int:
@@ -117,7 +128,7 @@ def harness_item(workdir: str, name: str, warm: int, n_params: int, peak: float,
     od = os.path.join(workdir, f"out_{name}")
     if not os.path.isdir(od):
         return None
-    d: dict = {"description": DESCRIPTIONS.get(name, f"S + bench/experiments/{name[2:]}.sets" if name.startswith("S_") else name)}
+    d: dict = {"description": DESCRIPTIONS.get(name, experiment_description(name))}
     cfg = read_yaml(os.path.join(od, "train.yaml"))
     ds = {}
     try:
@@ -264,7 +275,7 @@ def main() -> None:
         pass
     ngpu = len(gpus) or 1
     names = [os.path.basename(p)[4:] for p in sorted(glob.glob(os.path.join(workdir, "out_*")))]
-    known = ("A", "P", "Pb", "Ppad", "S", "SB", "S1B", "fast", "fastmask", "fastseg", "fastnr")
+    known = ("A", "P", "Ploop", "Pb", "Ppad", "S", "SB", "S1B", "fast", "fastloop", "fastmask", "fastseg", "fastnr")
     order = [n for n in known if n in names] + [n for n in names if n not in known]
     configs = {n: harness_item(workdir, n, warm, n_params, peak, mean_tok) for n in order}
     chain = chain_item(workdir, n_params, peak, mean_tok, ngpu)
@@ -284,6 +295,9 @@ def main() -> None:
         "warmup_steps": warm,
         "nccl": load("nccl.json"),
         "probe_1gpu": load("probe.json"),
+        "attn_kernels": load("attn.json"),
+        "gpu_tests": open(os.path.join(workdir, "gputest.txt")).read().strip().split("\n")[-1]
+        if os.path.exists(os.path.join(workdir, "gputest.txt")) else None,
         "skipped": open(os.path.join(workdir, "skipped.txt")).read().split("\n") if os.path.exists(os.path.join(workdir, "skipped.txt")) else [],
         "configs": configs,
     }

@@ -32,3 +32,20 @@ def slurm():
         if os.environ.get("SFTJOBS_REQUIRE_SLURM") == "1":
             pytest.fail("the Slurm test cluster is not running (tests/slurm/start-slurm.sh)")
         pytest.skip("the Slurm test cluster is not running (tests/slurm/start-slurm.sh)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu run on the device machine only: where CUDA is missing they are deselected (neither run,
+    skipped nor counted), so CI's count is the CPU tiers'."""
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    except ImportError:
+        cuda = False
+    if cuda:
+        return
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+        config.hook.pytest_deselected(items=gpu)

@@ -137,6 +137,45 @@ def test_per_sample_sdpa_equals_a_block_diagonal_causal_mask():
     assert not torch.allclose(out, crossing.transpose(1, 2), atol=1e-3)
 
 
+def test_varlen_binding_follows_torchs_spelling_of_causal():
+    torch = pytest.importorskip("torch")
+    from sftjobs.steps.per_sample_attention import bind_causal
+
+    def new_api(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
+        return window_size
+
+    def preview_api(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None):  # no scale keyword
+        return q, is_causal
+
+    def unknown_api(q, k, v, cu_q, cu_k, max_q, max_k):
+        return None
+
+    assert bind_causal(new_api)(*range(7), scale=0.5) == (-1, 0)
+    q = torch.ones(2, 3, 16)
+    assert bind_causal(preview_api)(q, *range(6), scale=0.25) == (q, True)  # 16 ** -0.5: the kernel's own
+    folded, causal = bind_causal(preview_api)(q, *range(6), scale=0.5)
+    assert causal is True and torch.equal(folded, q * 2)  # softmax(q k * 0.25 * 2) = softmax(q k * 0.5)
+    assert bind_causal(unknown_api) is None
+
+
+def test_short_samples_in_runs_share_one_varlen_call_and_long_ones_get_sdpa():
+    pytest.importorskip("torch")
+    from sftjobs.steps.per_sample_attention import SHORT_SAMPLE, row_pieces
+
+    long = SHORT_SAMPLE + 10
+    lengths = [100, 200, long, 50, long, 30, 40, 60]
+    row = [0]
+    for n in lengths:
+        row.append(row[-1] + n)
+    pieces = row_pieces([row], "cpu", True)[0]
+    calls = [(s, e, None if cu is None else cu.tolist(), longest) for s, e, cu, longest in pieces]
+    b = 300 + long
+    assert calls == [(0, 300, [0, 100, 300], 200), (300, b, None, 0), (b, b + 50, None, 0),  # a run of one: SDPA
+                     (b + 50, b + 50 + long, None, 0), (b + 50 + long, row[-1], [0, 30, 70, 130], 60)]
+    assert all(cu is None for _, _, cu, _ in row_pieces([row], "cpu", False)[0])  # no varlen: SDPA per sample
+    assert len(row_pieces([row], "cpu", False)[0]) == len(lengths)
+
+
 def test_the_entry_trains_as_llamafactory_cli_does(lf_setup):
     """Same YAML, stock `llamafactory-cli train` vs sftjobs' entry (which leaves one-row batches unpadded, so
     SDPA gets no mask): the same losses."""

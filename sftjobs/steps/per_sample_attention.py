@@ -1,19 +1,59 @@
-"""Sample-isolated attention for packed rows without flash-attn: causal SDPA once per sample.
+"""Sample-isolated attention for packed rows without flash-attn: one causal attention per sample.
 
 LLaMA-Factory's neat_packing keeps samples apart either with flash-attn's varlen kernel (position ids restart
 per sample, no mask) or, where flash-attn is missing, with a 4D block-diagonal mask that makes SDPA compute the
 whole cutoff_len^2 score matrix per layer (26 ms vs 3 ms per layer for a 15000-token pack of 4 samples on an
 H100, bench/README.md). This registers an attention function that does what the varlen kernel does: it finds
-the sample boundaries where position_ids restart and runs SDPA's causal (flash) kernel on each sample alone.
+the sample boundaries where position_ids restart and attends causally within each sample only.
+
+Each sample of SHORT_SAMPLE tokens or more gets one call of SDPA's causal kernel. On CUDA with torch >= 2.10,
+runs of consecutive shorter samples go through one call of torch's flash varlen kernel
+(torch.nn.attention.varlen) instead; elsewhere (the CPU, older torch) every sample gets its SDPA call. Both
+compute the same thing (tests/test_per_sample_attention_gpu.py compares them on a GPU, outputs and gradients).
 The collator is told to take its flash-attn path (no 4D mask; position ids restart per sample).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import weakref
 from typing import Any
 
 NAME = "sftjobs_per_sample_sdpa"
+USE_VARLEN = True  # the benchmark harness turns it off to time the per-sample SDPA loop (BENCH_ATTN_LOOP=1)
+SHORT_SAMPLE = 2048  # runs of consecutive samples shorter than this go through one varlen call (row_pieces)
+
+
+@functools.lru_cache(maxsize=1)
+def varlen_causal():
+    """torch's flash varlen attention bound to causal masking, or None where torch has none.
+
+    torch 2.10 spells causal ``window_size=(-1, 0)``; earlier previews took ``is_causal=True``."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return bind_causal(varlen_attn)
+
+
+def bind_causal(varlen_attn):
+    """``varlen_attn`` called causally, with a ``scale`` keyword whether or not this torch's signature has one."""
+    params = inspect.signature(varlen_attn).parameters
+    if "is_causal" in params:
+        bound = functools.partial(varlen_attn, is_causal=True)
+    elif "window_size" in params:
+        bound = functools.partial(varlen_attn, window_size=(-1, 0))
+    else:
+        return None
+    if "scale" in params:
+        return bound
+
+    def scaled(query, *args, scale=None):  # the kernel's scale is 1/sqrt(D): fold any other into the queries
+        default = query.shape[-1] ** -0.5
+        return bound(query if scale is None or scale == default else query * (scale / default), *args)
+
+    return scaled
 
 
 def per_sample_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs) -> tuple[Any, None]:
@@ -33,17 +73,63 @@ def per_sample_sdpa(module, query, key, value, attention_mask, scaling=None, dro
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
         return out.transpose(1, 2).contiguous(), None
     bounds = sample_bounds(kwargs.get("position_ids"), query.shape[0], query.shape[2])
+    flash_ok = query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+    varlen = varlen_causal() if USE_VARLEN and flash_ok else None
     rows = []
-    for b in range(query.shape[0]):
-        pieces = [F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
-                                                 is_causal=True, scale=scaling, enable_gqa=True)
-                  for s, e in zip(bounds[b][:-1], bounds[b][1:], strict=True)]
-        rows.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
+    for b, pieces in enumerate(row_pieces(bounds, query.device, varlen is not None)):
+        outs = []  # each [1, len, H, D]
+        for start, end, cu_seq, longest in pieces:
+            q, k, v = query[b:b + 1, :, start:end], key[b:b + 1, :, start:end], value[b:b + 1, :, start:end]
+            if cu_seq is None:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+                outs.append(out.transpose(1, 2))
+            else:
+                q, k, v = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))  # [len, h, D]
+                outs.append(varlen(q, k, v, cu_seq, cu_seq, longest, longest, scale=scaling)[None])
+        rows.append(torch.cat(outs, dim=1) if len(outs) > 1 else outs[0])
     out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
-    return out.transpose(1, 2).contiguous(), None
+    return out.contiguous(), None
 
 
-_CACHE: list[Any] = [None, None]  # [weakref to the position_ids tensor, its boundaries]
+def row_pieces(bounds: list[list[int]], device, varlen: bool) -> list[list[tuple[int, int, Any, int]]]:
+    """Per row, its attention calls as (start, end, cu_seq, longest): cu_seq None is one causal SDPA call for
+    one sample; otherwise one varlen call over a run of consecutive short samples (cu_seq their int32 offsets
+    from start). Built once per forward (every layer asks for the same) and cached with the boundaries.
+
+    Short means under SHORT_SAMPLE tokens, in runs of two or more: torch's varlen kernel saves the per-call cost
+    of many short samples, but ran long ones at about half the speed of SDPA's causal kernel on an H100
+    (bench/README.md, session 4: 10.7 vs 5.9 ms per layer for one 14980-token sample), and one call has no
+    per-call cost to save.
+    """
+    import torch
+
+    key = (bounds, str(device), varlen)
+    if _CACHE[2] is not None and _CACHE[2][0] == key:
+        return _CACHE[2][1]
+    rows = []
+    for row in bounds:
+        pieces: list[tuple[int, int, Any, int]] = []
+        run: list[tuple[int, int]] = []
+        for s, e in [*zip(row[:-1], row[1:], strict=True), (row[-1], None)]:  # (end, None) closes the last run
+            if e is not None and varlen and e - s < SHORT_SAMPLE:
+                run.append((s, e))
+                continue
+            if len(run) >= 2:
+                offsets = torch.tensor([0] + [r_end - run[0][0] for _, r_end in run], dtype=torch.int32)
+                pieces.append((run[0][0], run[-1][1], offsets.to(device, non_blocking=True),
+                               max(r_end - r_start for r_start, r_end in run)))
+            else:
+                pieces.extend((r_start, r_end, None, 0) for r_start, r_end in run)
+            run = []
+            if e is not None:
+                pieces.append((s, e, None, 0))
+        rows.append(pieces)
+    _CACHE[2] = (key, rows)
+    return rows
+
+
+# [weakref to the position_ids tensor, its boundaries, (key, the rows' attention calls)]
+_CACHE: list[Any] = [None, None, None]
 
 
 def sample_bounds(position_ids, batch: int, length: int) -> list[list[int]]:
@@ -60,7 +146,7 @@ def sample_bounds(position_ids, batch: int, length: int) -> list[list[int]]:
         pos = position_ids.expand(batch, -1) if position_ids.shape[0] != batch else position_ids
         restart = (pos[:, 1:] <= pos[:, :-1]).cpu()
         bounds = [[0] + (torch.nonzero(restart[b]).flatten() + 1).tolist() + [length] for b in range(batch)]
-        _CACHE[:] = [weakref.ref(position_ids), bounds]
+        _CACHE[:] = [weakref.ref(position_ids), bounds, None]
     return _CACHE[1]
 
 
@@ -108,5 +194,7 @@ def install(log=print, always: bool = False) -> bool:
         return batch
 
     cls.__post_init__, cls.__call__ = _post_init, _call
-    log(f"per-sample attention: registered {NAME} (causal SDPA per packed sample; no 4D mask)")
+    kernel = (f"causal SDPA per packed sample; runs of samples under {SHORT_SAMPLE} tokens in one flash varlen call "
+              "on CUDA" if varlen_causal() is not None else "causal SDPA per packed sample")
+    log(f"per-sample attention: registered {NAME} ({kernel}; no 4D mask)")
     return True
