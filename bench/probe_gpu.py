@@ -68,7 +68,8 @@ def sdpa_op() -> str:
 
 def attn_kernels(out: str) -> None:
     """sftjobs' per-sample attention (the function the trainer calls) on packs of the 3B attention shape, fwd+bwd of
-    one layer: torch's flash varlen call against causal SDPA once per sample (USE_VARLEN off)."""
+    one layer: as sftjobs runs it, with every run through torch's flash varlen kernel, and causal SDPA once per
+    sample (USE_VARLEN off)."""
     from sftjobs.steps import per_sample_attention as psa
 
     H, Hkv, D = 16, 2, 128
@@ -83,13 +84,16 @@ def attn_kernels(out: str) -> None:
         v = torch.randn(1, Hkv, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         row = {}
         pos = torch.cat([torch.arange(n, device="cuda") for n in lens])[None]  # one forward's: boundaries cached
-        for label, varlen in (("varlen", True), ("loop", False)):
-            def call(varlen=varlen, q=q, k=k, v=v, pos=pos):
-                psa.USE_VARLEN = varlen
+        short = psa.SHORT_SAMPLE
+        # sftjobs: runs of short samples in varlen calls, SDPA for the rest; runs_all: every run of >= 2 samples in
+        # a varlen call whatever their length; loop: SDPA per sample
+        for label, varlen, threshold in (("sftjobs", True, short), ("runs_all", True, 10**9), ("loop", False, short)):
+            def call(varlen=varlen, threshold=threshold, q=q, k=k, v=v, pos=pos):
+                psa.USE_VARLEN, psa.SHORT_SAMPLE = varlen, threshold
                 o, _ = psa.per_sample_sdpa(None, q, k, v, None, scaling=D ** -0.5, position_ids=pos)
                 o.sum().backward()
             row[label] = round(1000 * timed(call, n=10, warm=3), 3)
-        psa.USE_VARLEN = True
+        psa.USE_VARLEN, psa.SHORT_SAMPLE = True, short
         res["ms_fwd_bwd_one_layer"][name] = row
         print(name, row, flush=True)
     with open(out, "w") as f:
