@@ -103,7 +103,7 @@ def row_pieces(bounds: list[list[int]], device, varlen: bool) -> list[list[tuple
     """
     import torch
 
-    key = (bounds, str(device), varlen)
+    key = (bounds, str(device), varlen, SHORT_SAMPLE)
     if _CACHE[2] is not None and _CACHE[2][0] == key:
         return _CACHE[2][1]
     rows = []
