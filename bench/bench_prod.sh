@@ -29,6 +29,8 @@
 #            by their token totals
 #   X:NAME   an experiment: S + the --set lines of bench/experiments/NAME.sets
 #   PX:NAME  an experiment: P with bench/experiments/NAME.ds.json merged into its DeepSpeed config
+#   FX:NAME  the same for fast
+#   ITEM#N   (P, Pb, Ppad, Ploop, PX, fast, FX) the item again, as out_<name>_rN: run-to-run noise in one call
 #   chain    `sftjobs submit prod --dry-run-first --executor local` as configs/prod.yaml stands: data -> model ->
 #            preflight -> dry run (DRY_SAMPLES samples) -> validate_dry_run, then the full run is cancelled
 # Each training item is `torchrun bench/lf_bench.py <the rendered train.yaml>` (= FORCE_TORCHRUN=1
@@ -180,6 +182,7 @@ EOF
 }
 
 for item in $ITEMS; do
+  rep=""; case $item in *"#"*) rep="_r${item##*#}"; item=${item%#*} ;; esac  # ITEM#N: a repeat, out_<name>_rN
   case $item in
     nccl) [ "$NG" -gt 1 ] && timeout 90 torchrun --nproc_per_node "$NG" --master_port 29599 bench/nccl_bw.py "$W/nccl.json" 2>&1 | tail -2 ;;
     attn) timeout 120 python3 bench/probe_gpu.py --attn "$W/attn.json" 2>&1 | grep -v Warn | tail -8 ;;
@@ -190,18 +193,20 @@ for item in $ITEMS; do
        lfrun A prod "$LIMIT_A" "$STEPS_A" tok_nopack "" "${PLAN[@]}" ;;
     S) lfrun S prod "$LIMIT_S" "$STEPS_S" tok_nopack "$PROPOSAL_ENV ${S_ENV:-}" "${PROP[@]}"
        ;;
-    fast) lfrun fast fast "$LIMIT_FAST" "$STEPS_FAST" tok_neat "$PROPOSAL_ENV BENCH_SEGMENT_ATTN=1" \
+    fast|FX:*) name=fast$rep; patch=
+          case $item in FX:*) name=fast_${item#FX:}$rep; patch=bench/experiments/${item#FX:}.ds.json ;; esac
+          DSPATCH=$patch lfrun "$name" fast "$LIMIT_FAST" "$STEPS_FAST" tok_neat "$PROPOSAL_ENV BENCH_SEGMENT_ATTN=1" \
             --set "resources.gpu_memory_gib=$GPU_GIB"
-          grep -h "memory plan" "$W/out_fast/render.log" ;;
+          grep -h "memory plan" "$W/out_$name/render.log" ;;
     fastmask) lfrun fastmask fast "$LIMIT_FAST" "$STEPS_FAST" tok_neat "$PROPOSAL_ENV" --set deepspeed=z2 \
                 --set train.disable_gradient_checkpointing=false ;;
     fastloop) lfrun fastloop fast "$LIMIT_FAST" "$STEPS_FAST" tok_neat "$PROPOSAL_ENV BENCH_SEGMENT_ATTN=1 BENCH_ATTN_LOOP=1" \
                 --set "resources.gpu_memory_gib=$GPU_GIB" ;;
-    P|Pb|Ppad|Ploop|PX:*) name=$item; patch=
+    P|Pb|Ppad|Ploop|PX:*) name=$item$rep; patch=
        case $item in P) mode="BENCH_PACK=1 BENCH_UNPAD=1" ;; Pb) mode="BENCH_BALANCE=1 BENCH_UNPAD=1" ;;
                      Ploop) mode="BENCH_PACK=1 BENCH_UNPAD=1 BENCH_ATTN_LOOP=1" ;;
                      Ppad) mode="BENCH_BALANCE=1" ;;
-                     PX:*) mode="BENCH_PACK=1 BENCH_UNPAD=1"; name=P_${item#PX:}
+                     PX:*) mode="BENCH_PACK=1 BENCH_UNPAD=1"; name=P_${item#PX:}$rep
                            patch=bench/experiments/${item#PX:}.ds.json ;; esac
        DSPATCH=$patch lfrun "$name" prod "$LIMIT_S" "$STEPS_S" tok_nopack "$PROPOSAL_ENV $mode ${P_ENV:-}" \
          --set "batch.global_size=$((2 * NG))" --set "resources.gpu_memory_gib=$GPU_GIB"

@@ -30,9 +30,10 @@ DESCRIPTIONS = {
     "A": "the plan's prod config: `sftjobs render prod` of configs/prod.yaml as it stands (ZeRO-3 + CPU offload of "
          "params and optimizer, bs 1 x ga 2, no packing, attention auto -> SDPA, gradient checkpointing)",
     "P": "sftjobs' prod as configs/prod.yaml stands (deepspeed auto for the card's memory, balanced ranks with each "
-         "GPU's samples of a step packed into sample-isolated rows attended by torch's flash varlen kernel, Liger, "
-         "SDPA off cuDNN), with batch.global_size = 2 x GPUs so each GPU does what it does in an 8-GPU prod step",
-    "Ploop": "P with per-sample attention as causal SDPA once per sample instead of the varlen kernel (session 3's P)",
+         "GPU's samples of a step packed into sample-isolated rows: causal SDPA per sample, runs of short samples in "
+         "one flash varlen call; Liger, SDPA off cuDNN), with batch.global_size = 2 x GPUs so each GPU does what it "
+         "does in an 8-GPU prod step",
+    "Ploop": "P with every sample through causal SDPA (no varlen calls; session 3's kernel)",
     "Pb": "P with balanced ranks but one sample per micro-step (no packing of a GPU's samples): session 2's P",
     "Ppad": "Pb with LLaMA-Factory's padding of every batch to a multiple of 8 (what P had before sftjobs' training "
             "entry stopped padding one-row batches): transformers then passes an L x L mask and SDPA runs its "
@@ -55,6 +56,11 @@ DESCRIPTIONS = {
 
 
 def experiment_description(name: str) -> str:
+    base, _, rep = name.rpartition("_r")
+    if base and rep.isdigit():
+        return f"{DESCRIPTIONS.get(base) or experiment_description(base)} (repeat #{rep} in the same call)"
+    if name.startswith("fast_"):
+        return f"fast with bench/experiments/{name[5:]}.ds.json merged into its DeepSpeed config"
     if name.startswith("S_"):
         return f"S + bench/experiments/{name[2:]}.sets"
     if name.startswith("P_"):
