@@ -217,8 +217,8 @@ def model_state_bytes(s: ModelShape, stage: str, world: int) -> dict[str, int]:
         "none": (4 * n, 4 * n, 8 * n, 0, 0),   # no DeepSpeed: LLaMA-Factory trains fp32 weights under autocast
         "z0": (2 * n, 2 * n, 12 * n, 0, 0),
         "z1": (2 * n, 2 * n, 12 * n // world, bucket, 4 * n // world),
-        "z2": (2 * n, 2 * n // world, 12 * n // world, 2 * bucket, 4 * n // world),  # overlap_comm: two buckets
-        "z2_offload": (2 * n, 0, 0, 2 * bucket, 0),
+        "z2": (2 * n, 2 * n // world, 12 * n // world, bucket, 4 * n // world),
+        "z2_offload": (2 * n, 0, 0, bucket, 0),
         "z3": (2 * n // world, 2 * n // world, 12 * n // world, gathered, 4 * n // world),
         "z3_offload": (0, 0, 0, gathered, 0),
     }
