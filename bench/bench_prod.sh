@@ -14,6 +14,7 @@
 #   P        `sftjobs render prod` as configs/prod.yaml stands (deepspeed auto for this card's memory, balanced ranks),
 #            with batch.global_size = 2 x GPUs: the per-GPU work of an 8-GPU prod step (bs 1 x ga 2 per GPU)
 #            (configs/prod.yaml: speed.pack_rank_samples, i.e. BENCH_PACK=1)
+#   Pskip    P with speed.skip_idle_micro_steps (micro-steps empty on every GPU run no forward or backward)
 #   Ploop    P with per-sample attention as an SDPA loop instead of torch's flash varlen kernel (session 3's P)
 #   Pb       P with balanced ranks but without packing each GPU's samples (session 2's P)
 #   Ppad     Pb without sftjobs' unpadded one-row batches (LLaMA-Factory pads to a multiple of 8 -> L x L mask)
@@ -30,7 +31,7 @@
 #   X:NAME   an experiment: S + the --set lines of bench/experiments/NAME.sets
 #   PX:NAME  an experiment: P with bench/experiments/NAME.ds.json merged into its DeepSpeed config
 #   FX:NAME  the same for fast
-#   ITEM#N   (P, Pb, Ppad, Ploop, PX, fast, FX) the item again, as out_<name>_rN: run-to-run noise in one call
+#   ITEM#N   (P, Pb, Ppad, Ploop, Pskip, PX, fast, FX) the item again, as out_<name>_rN: run-to-run noise in one call
 #   chain    `sftjobs submit prod --dry-run-first --executor local` as configs/prod.yaml stands: data -> model ->
 #            preflight -> dry run (DRY_SAMPLES samples) -> validate_dry_run, then the full run is cancelled
 # Each training item is `torchrun bench/lf_bench.py <the rendered train.yaml>` (= FORCE_TORCHRUN=1
@@ -202,9 +203,10 @@ for item in $ITEMS; do
                 --set train.disable_gradient_checkpointing=false ;;
     fastloop) lfrun fastloop fast "$LIMIT_FAST" "$STEPS_FAST" tok_neat "$PROPOSAL_ENV BENCH_SEGMENT_ATTN=1 BENCH_ATTN_LOOP=1" \
                 --set "resources.gpu_memory_gib=$GPU_GIB" ;;
-    P|Pb|Ppad|Ploop|PX:*) name=$item$rep; patch=
+    P|Pb|Ppad|Ploop|Pskip|PX:*) name=$item$rep; patch=
        case $item in P) mode="BENCH_PACK=1 BENCH_UNPAD=1" ;; Pb) mode="BENCH_BALANCE=1 BENCH_UNPAD=1" ;;
                      Ploop) mode="BENCH_PACK=1 BENCH_UNPAD=1 BENCH_ATTN_LOOP=1" ;;
+                     Pskip) mode="BENCH_PACK=1 BENCH_UNPAD=1 BENCH_SKIP_IDLE=1" ;;
                      Ppad) mode="BENCH_BALANCE=1" ;;
                      PX:*) mode="BENCH_PACK=1 BENCH_UNPAD=1"; name=P_${item#PX:}$rep
                            patch=bench/experiments/${item#PX:}.ds.json ;; esac

@@ -17,6 +17,8 @@ Environment:
                        spread over the GPUs by length
   BENCH_PACK=1         sftjobs' speed.pack_rank_samples: balanced ranks, each GPU's samples of a step packed into
                        sample-isolated rows (per-sample attention)
+  BENCH_SKIP_IDLE=1    with BENCH_PACK: sftjobs' speed.skip_idle_micro_steps (micro-steps empty on every GPU run
+                       no forward or backward)
   BENCH_ATTN_LOOP=1    per-sample attention as causal SDPA once per sample even where torch's flash varlen kernel
                        is there (sessions 1-3's kernel; compares against the varlen call)
 
@@ -155,7 +157,7 @@ if __name__ == "__main__":
     if os.environ.get("BENCH_PACK") == "1":
         from sftjobs.steps.lf_train import install_pack_rank_samples
 
-        install_pack_rank_samples()
+        install_pack_rank_samples(skip_idle=os.environ.get("BENCH_SKIP_IDLE") == "1")
     elif os.environ.get("BENCH_BALANCE") == "1":
         from sftjobs.steps.lf_train import install_balanced_sampler
 

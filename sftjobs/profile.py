@@ -138,6 +138,8 @@ SCHEMA: dict[str, Key] = {
     "speed.pack_rank_samples": Key(bool, False, help="balance_ranks, with each GPU's samples of a step packed into "
                                    "sample-isolated rows (the same samples per step; a GPU may take one long sample "
                                    "or several short ones)"),
+    "speed.skip_idle_micro_steps": Key(bool, False, help="with pack_rank_samples: a micro-step with nothing to "
+                                       "compute on any GPU runs no forward or backward (instead of a one-token row)"),
     "train": Key(dict, {}, help="LLaMA-Factory keys, passed through"),
 }
 SECTIONS = {k.split(".")[0] for k in SCHEMA if "." in k}
@@ -435,6 +437,9 @@ def _validate_relations(v: dict[str, Any], where: str) -> None:
         if v["train"].get("per_device_train_batch_size") != 1:
             raise SftjobsError(f"{where}: speed.pack_rank_samples needs train.per_device_train_batch_size: 1 (one "
                                "packed row per micro-step); set it, or turn pack_rank_samples off.")
+    if v["speed"]["skip_idle_micro_steps"] and not v["speed"]["pack_rank_samples"]:
+        raise SftjobsError(f"{where}: speed.skip_idle_micro_steps needs speed.pack_rank_samples: true (only packed "
+                           "steps have micro-steps with nothing to compute); turn one on or this off.")
     if v["train"].get("bf16") and res["gpus_per_node"] == 0:
         raise SftjobsError(f"{where}: train.bf16 is true but resources.gpus_per_node is 0; a CPU run needs bf16: false.")
 

@@ -101,7 +101,16 @@ def test_packed_rank_samples_train_the_same_steps_on_two_ranks(lf_setup):
     assert found, err[-3000:]
     summary = json.loads(found.group(1))
     assert summary["empty_packs_per_step"] > 0, summary   # samples really shared rows
+    assert summary["idle_micro_steps_per_step"] > 0, summary   # micro-steps with nothing on either rank
     assert summary["slowest_over_mean_after"] < summary["slowest_over_mean_before"], summary
+    # the same run with those micro-steps skipped (no forward, no backward) trains the same steps
+    skipped, err = train(lf_setup, "packed_skip", "--pack-rank-samples", "--skip-idle-micro-steps",
+                         "gradient_accumulation_steps=4", ranks=2, port=29646)
+    assert "skip idle micro-steps: a micro-step with nothing to compute on any GPU was skipped" in err
+    assert close(skipped, plain), (skipped, plain)
+    skip_norms = [r["grad_norm"] for r in map(json.loads, (lf_setup / "packed_skip" / "trainer_log.jsonl")
+                                                 .read_text().splitlines()) if "grad_norm" in r]
+    assert close(skip_norms, norms[0]), (skip_norms, norms[0])
 
 
 def test_per_sample_attention_matches_the_block_diagonal_mask(lf_setup):

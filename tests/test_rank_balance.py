@@ -96,9 +96,14 @@ def test_packs_keep_each_steps_samples_within_capacity(layout, world, accum):
     full = len(base) - len(base) % chunk
     for start in range(0, full, chunk):
         step = packs[start:start + chunk]
-        members = [i for pack in step for i in pack]
+        members = [i for pack in step if pack != rb.IDLE_PACK for i in pack]
         assert sorted(members) == sorted(base[start:start + chunk])
-        assert all(sum(lengths[i] for i in pack) <= capacity for pack in step)
+        assert all(sum(lengths[i] for i in pack) <= capacity for pack in step if pack != rb.IDLE_PACK)
+        # a micro-step is idle on every rank or on none, idle ones lead, and the last (synchronising) never is
+        idle = [[step[m * world + r] == rb.IDLE_PACK for r in range(world)] for m in range(accum)]
+        assert all(len(set(row)) == 1 for row in idle)
+        flags = [row[0] for row in idle]
+        assert flags == sorted(flags, reverse=True) and not flags[-1]
     assert packs[full:] == [(i,) for i in base[full:]]
 
 
@@ -115,14 +120,26 @@ def test_packs_beat_one_sample_per_micro_step():
         packed = rb.pack_summary(base, packs, lengths, world, accum, 20000)
         assert packed["slowest_over_mean_after"] < one["slowest_over_mean_after"] - 0.03, (world, one, packed)
         assert packed["empty_packs_per_step"] > 0
+        # nearly every step has a micro-step with nothing to compute on any GPU (skip_idle_micro_steps)
+        assert packed["idle_micro_steps_per_step"] >= 0.9, packed
 
 
-def test_rounds_puts_each_ranks_largest_pack_first():
+@pytest.mark.parametrize("layout", rb.LAYOUTS)
+def test_each_ranks_packs_run_smallest_first_and_shared_empty_micro_steps_are_idle(layout):
     lengths = [9000, 5000, 4000, 3000, 800, 700, 600, 500]
-    packs = rb.pack_chunk(range(8), lengths, world=2, accum=4, capacity=9000, layout="rounds")
-    sizes = [[sum(lengths[i] for i in packs[m * 2 + r]) for m in range(4)] for r in range(2)]
-    assert all(s == sorted(s, reverse=True) for s in sizes), sizes
+    packs = rb.pack_chunk(range(8), lengths, world=2, accum=4, capacity=9000, layout=layout)
+    assert packs[:4] == [rb.IDLE_PACK] * 4  # micro-steps 0 and 1: empty on both ranks
+    sizes = [[sum(lengths[i] for i in packs[m * 2 + r] if i is not None) for m in range(4)] for r in range(2)]
+    assert all(s == sorted(s) for s in sizes), sizes
     assert sorted(sum(s) for s in sizes) == [11600, 12000]  # LPT: 9000 + 3000 | 5000 + 4000 + the four short
+
+
+def test_a_micro_step_empty_on_one_rank_only_is_not_idle():
+    lengths = [5000, 2000, 1900, 1800]  # rank 0: 5000 | nothing; rank 1: 2000 + 1900 | 1800 (capacity 5000)
+    packs = rb.pack_chunk(range(4), lengths, world=2, accum=2, capacity=5000)
+    assert packs == [(), (3,), (0,), (1, 2)]
+    assert rb.IDLE_PACK not in packs
+    assert () in packs  # an empty pack on one rank still trains (a one-token row): the other rank computes
 
 
 def test_packs_fall_back_to_one_sample_each_when_they_cannot_fit():

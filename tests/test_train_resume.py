@@ -55,6 +55,9 @@ def test_training_command_single_process_and_torchrun():
                          "/run/monitor/allocator/train-h", "/r/t.yaml", "resume_from_checkpoint=/ck/checkpoint-7"]
     packed = training_command(Path("/r/t.yaml"), None, {"balance_ranks": True, "pack_rank_samples": True}, env={})
     assert packed[1:5] == ["-m", "sftjobs.steps.lf_train", "--balance-ranks", "--pack-rank-samples"]
+    skipping = training_command(Path("/r/t.yaml"), None, {"pack_rank_samples": True, "skip_idle_micro_steps": True},
+                                env={})
+    assert skipping[1:5] == ["-m", "sftjobs.steps.lf_train", "--pack-rank-samples", "--skip-idle-micro-steps"]
     # more than one process per node means torchrun even without FORCE_TORCHRUN, as llamafactory-cli decides
     assert "torch.distributed.run" in training_command(Path("/r/t.yaml"), None, env={"NPROC_PER_NODE": "2"})
 

@@ -1,7 +1,8 @@
 """What every training process runs: LLaMA-Factory's own ``run_exp()`` (what ``llamafactory-cli train CFG.yaml``
 runs) with sftjobs' in-process additions.
 
-    python -m sftjobs.steps.lf_train [--balance-ranks] [--per-sample-attention] [--memory-log PREFIX] CFG.yaml [key=value ...]
+    python -m sftjobs.steps.lf_train [--balance-ranks | --pack-rank-samples [--skip-idle-micro-steps]]
+                                     [--per-sample-attention] [--memory-log PREFIX] CFG.yaml [key=value ...]
 
 The train step starts it under torchrun on each node (as ``FORCE_TORCHRUN=1 llamafactory-cli train`` would);
 the YAML and key=value overrides are read by LLaMA-Factory's own parser, unchanged.
@@ -11,6 +12,8 @@ the YAML and key=value overrides are read by LLaMA-Factory's own parser, unchang
   --per-sample-attention  causal SDPA per packed sample where flash-attn is missing (per_sample_attention.py)
   --pack-rank-samples     --balance-ranks with each GPU's samples of a step packed into its micro-batches
                           (rank_balance.pack_chunk; PackedRows), attention kept inside each sample
+  --skip-idle-micro-steps with --pack-rank-samples: a micro-step with nothing to compute on any GPU (IDLE_PACK)
+                          runs no forward or backward, instead of a one-token row (install_idle_skip)
   always                  a batch of one unpacked row is not padded to a multiple of 8, so SDPA keeps its causal
                           flash kernel (install_unpadded_single_rows)
   --memory-log PREFIX     every logging step, each rank appends its CUDA allocator numbers to PREFIX-rank<R>.jsonl:
@@ -33,6 +36,7 @@ from sftjobs.steps import rank_balance
 
 LENGTH_SLICE = 4096  # rows per Arrow slice when reading token counts
 IGNORE_INDEX = -100  # LLaMA-Factory's and transformers' label for "no loss here"
+IDLE_KEY = "sftjobs_idle"  # a PackedRows row standing for an idle micro-step (install_idle_skip)
 
 
 def log(message: str) -> None:
@@ -193,13 +197,15 @@ def make_packed_rows_class():
     class PackedRows(torch.utils.data.Dataset):
         """The tokenized set, read by the packed sampler's tuples of indices (one merged row each)."""
 
-        def __init__(self, rows, pad_id: int):
-            self.rows, self.pad_id = rows, pad_id
+        def __init__(self, rows, pad_id: int, skip_idle: bool = False):
+            self.rows, self.pad_id, self.skip_idle = rows, pad_id, skip_idle
 
         def __len__(self) -> int:
             return len(self.rows)
 
         def __getitem__(self, key):
+            if key == rank_balance.IDLE_PACK:  # nothing to compute on any rank in this micro-step
+                return {IDLE_KEY: True} if self.skip_idle else merge_rows([], self.pad_id)
             if isinstance(key, tuple):
                 return merge_rows([self.rows[i] for i in key], self.pad_id)
             return self.rows[key]
@@ -210,17 +216,56 @@ def make_packed_rows_class():
     return PackedRows
 
 
-def install_pack_rank_samples() -> None:
+def install_pack_rank_samples(skip_idle: bool = False) -> None:
     """speed.pack_rank_samples: the packed sampler, PackedRows behind it, and per-sample attention (needed even
-    where flash-attn is installed: a packed row's mask is all ones)."""
+    where flash-attn is installed: a packed row's mask is all ones); with ``skip_idle``
+    (speed.skip_idle_micro_steps) idle micro-steps are skipped."""
     from sftjobs.steps import per_sample_attention
 
     install_balanced_sampler(pack=True)
-    install_packed_rows()
+    install_packed_rows(skip_idle)
+    if skip_idle:
+        install_idle_skip()
     per_sample_attention.install(log=log, always=True)
 
 
-def install_packed_rows() -> None:
+def install_idle_skip() -> None:
+    """An IDLE_PACK micro-step (empty on every rank: rank_balance.pack_chunk) runs no forward and no backward.
+
+    Every rank skips the same micro-step, so no collective is left waiting (ZeRO-2/3 communicate in every
+    micro-step's backward, ZeRO-3 in the forward too). It is never the step's last micro-step, where the
+    gradients are synchronised and the optimizer steps: DeepSpeed takes the boundary from accelerate and counts
+    the backward passes it saw (its "unmanaged" mode), DDP syncs in the last backward only. Its loss and gradient
+    would have been zero (no labels), so the update and the logged loss are unchanged. The collator turns the
+    idle rows into a zero-length batch, which training_step recognises by its shape (no GPU sync).
+    """
+    import torch
+    from llamafactory.data.collator import SFTDataCollatorWith4DAttentionMask as Collator
+    from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
+
+    call = Collator.__call__
+
+    def _call(self, features):
+        if features and all(feature.get(IDLE_KEY) for feature in features):
+            empty = torch.zeros((len(features), 0), dtype=torch.long)
+            return {"input_ids": empty, "attention_mask": empty.clone(), "labels": empty.clone()}
+        return call(self, features)
+
+    Collator.__call__ = _call
+    training_step = CustomSeq2SeqTrainer.training_step
+
+    def _training_step(self, model, inputs, *args, **kwargs):
+        if inputs["input_ids"].shape[-1] == 0:
+            if not getattr(self, "sftjobs_idle_reported", False):
+                self.sftjobs_idle_reported = True
+                log("skip idle micro-steps: a micro-step with nothing to compute on any GPU was skipped")
+            return torch.zeros((), device=self.args.device)
+        return training_step(self, model, inputs, *args, **kwargs)
+
+    CustomSeq2SeqTrainer.training_step = _training_step
+
+
+def install_packed_rows(skip_idle: bool = False) -> None:
     """The training dataloader reads PackedRows (part of install_pack_rank_samples)."""
     from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
 
@@ -230,7 +275,7 @@ def install_packed_rows() -> None:
     def get_train_dataloader(self):
         rows = self.train_dataset
         pad_id = getattr(self.processing_class, "pad_token_id", None)
-        self.train_dataset = packed_rows(rows, 0 if pad_id is None else pad_id)
+        self.train_dataset = packed_rows(rows, 0 if pad_id is None else pad_id, skip_idle)
         try:
             return original(self)
         finally:
@@ -314,6 +359,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--balance-ranks", action="store_true")
     parser.add_argument("--per-sample-attention", action="store_true")
     parser.add_argument("--pack-rank-samples", action="store_true")
+    parser.add_argument("--skip-idle-micro-steps", action="store_true")
     parser.add_argument("--memory-log", metavar="PREFIX")
     parser.add_argument("config", help="LLaMA-Factory training YAML")
     parser.add_argument("overrides", nargs="*", help="key=value, as llamafactory-cli takes them")
@@ -324,8 +370,10 @@ def main(argv: list[str] | None = None) -> None:
     opts = parse_args(sys.argv[1:] if argv is None else argv)
     callbacks: list[Any] = []
     install_unpadded_single_rows()
+    if opts.skip_idle_micro_steps and not opts.pack_rank_samples:
+        raise SystemExit("--skip-idle-micro-steps needs --pack-rank-samples (only packed steps have idle micro-steps)")
     if opts.pack_rank_samples:
-        install_pack_rank_samples()
+        install_pack_rank_samples(skip_idle=opts.skip_idle_micro_steps)
     elif opts.balance_ranks:
         install_balanced_sampler()
     if opts.per_sample_attention and not opts.pack_rank_samples:

@@ -24,6 +24,12 @@ the step's samples (up to ``capacity`` tokens, the one-row memory budget), is tr
 kept inside each sample, and may be empty (a one-token row without labels). A rank can then take the longest
 sample alone while another takes four short ones. The samples of every step, and the loss (the sum over the
 step's supervised tokens divided by their number), stay those of the unpacked run.
+
+Each rank's packs run smallest first, so a micro-step whose packs are empty on every rank comes before the
+step's last (synchronising) micro-step; pack_chunk marks it IDLE_PACK on every rank. At 2 samples per GPU that
+is one micro-step of every step (the greedy fits a GPU's samples into one pack). Trained, it is a one-token row
+without labels; with speed.skip_idle_micro_steps the trainer skips it on every rank at once, so no rank waits
+in a collective the others never reach.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ import heapq
 from collections.abc import Iterator, Sequence
 
 LAYOUTS = ("rounds", "ranks")
+# A micro-step with nothing to compute on any rank (not a dataset index: PackedRows turns it into a row)
+IDLE_PACK: tuple = (None,)
 
 
 def layout_for_zero_stage(stage: int | None) -> str:
@@ -93,9 +101,10 @@ def pack_chunk(indices: Sequence[int], lengths: Sequence[int], world: int, accum
     """One optimizer step's samples as ``world x accum`` packs, in the order accelerate deals them out (bs 1).
 
     Longest first, each sample goes to the least loaded rank (by ``sample_cost``) that has a pack with room, into
-    that rank's fullest pack where it fits. With ``layout`` rounds (ZeRO-2/3: a sync after every micro-step) each
-    rank's packs are ordered largest first, so micro-step m holds every rank's m-th largest. Where the greedy
-    cannot place a sample, the chunk falls back to one sample per pack (``balance_chunk``)."""
+    that rank's fullest pack where it fits. Each rank's packs are then ordered smallest first, so micro-step m
+    holds every rank's m-th smallest (with ``layout`` rounds, ZeRO-2/3's sync after every micro-step waits for
+    similar packs) and micro-steps empty on every rank come first: those are IDLE_PACK on every rank. Where the
+    greedy cannot place a sample, the chunk falls back to one sample per pack (``balance_chunk``)."""
     if len(indices) != world * accum:
         raise ValueError(f"a chunk holds world x accum = {world * accum} samples, not {len(indices)}")
     ranked = sorted(indices, key=lambda i: (-lengths[i], i))
@@ -114,13 +123,13 @@ def pack_chunk(indices: Sequence[int], lengths: Sequence[int], world: int, accum
                 break
         else:
             return [(i,) for i in balance_chunk(indices, lengths, world, 1, accum, layout)]
-    if layout == "rounds":
-        for rank in range(world):
-            packs[rank].sort(key=lambda p: -sum(lengths[i] for i in p))
-    order: list[tuple[int, ...]] = [()] * (world * accum)
+    for rank in range(world):
+        packs[rank].sort(key=lambda p: sum(lengths[i] for i in p))
+    idle = [all(not packs[rank][micro] for rank in range(world)) for micro in range(accum)]
+    order: list[tuple] = [()] * (world * accum)
     for rank in range(world):
         for micro in range(accum):
-            order[micro * world + rank] = tuple(packs[rank][micro])
+            order[micro * world + rank] = IDLE_PACK if idle[micro] else tuple(packs[rank][micro])
     return order
 
 
@@ -147,14 +156,16 @@ def pack_summary(base: Sequence[int], packs: Sequence[tuple[int, ...]], lengths:
         for start in range(0, len(groups) - len(groups) % chunk, chunk):
             totals = [0.0] * world
             for pos, group in enumerate(groups[start:start + chunk]):
-                totals[pos % world] += sum(sample_cost(lengths[i], attention_span) for i in group)
+                totals[pos % world] += sum(sample_cost(lengths[i], attention_span) for i in group if i is not None)
             slowest, mean = slowest + max(totals), mean + sum(totals) / world
         return round(slowest / mean, 3) if mean else 1.0
 
     steps = len(base) // chunk
-    empty = sum(1 for p in packs[:steps * chunk] if not p)
+    empty = sum(1 for p in packs[:steps * chunk] if not p or p == IDLE_PACK)
+    idle = sum(1 for p in packs[:steps * chunk] if p == IDLE_PACK) / world
     return {"steps": steps, "slowest_over_mean_before": ratio([(i,) for i in base]),
-            "slowest_over_mean_after": ratio(packs), "empty_packs_per_step": round(empty / steps, 2) if steps else 0}
+            "slowest_over_mean_after": ratio(packs), "empty_packs_per_step": round(empty / steps, 2) if steps else 0,
+            "idle_micro_steps_per_step": round(idle / steps, 2) if steps else 0}
 
 
 def balanced_order(base: Sequence[int], lengths: Sequence[int], world: int, per_device: int, accum: int,

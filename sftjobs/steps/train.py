@@ -85,6 +85,8 @@ def training_command(config: Path, resume: Path | None, speed: dict | None = Non
         entry.append("--per-sample-attention")
     if speed.get("pack_rank_samples"):
         entry.append("--pack-rank-samples")
+    if speed.get("skip_idle_micro_steps"):
+        entry.append("--skip-idle-micro-steps")
     if memory_log is not None:
         entry += ["--memory-log", str(memory_log)]
     entry.append(str(config))
