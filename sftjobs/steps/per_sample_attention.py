@@ -29,7 +29,8 @@ SHORT_SAMPLE = 2048  # runs of consecutive samples shorter than this go through 
 def varlen_causal():
     """torch's flash varlen attention bound to causal masking, or None where torch has none.
 
-    torch 2.10 spells causal ``window_size=(-1, 0)``; earlier previews took ``is_causal=True``."""
+    Its signature has changed between torch releases: causal is ``window_size=(-1, 0)`` in some and
+    ``is_causal=True`` in others (bind_causal takes either)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
