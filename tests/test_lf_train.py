@@ -113,6 +113,26 @@ def test_packed_rank_samples_train_the_same_steps_on_two_ranks(lf_setup):
     assert close(skip_norms, norms[0]), (skip_norms, norms[0])
 
 
+def test_skipped_idle_micro_steps_train_the_same_steps_under_deepspeed_zero2(lf_setup):
+    """Real DeepSpeed ZeRO-2 (sftjobs' own template; gloo on the CPU): gradients are reduce-scattered in every
+    micro-step's backward and DeepSpeed is told the accumulation boundary by accelerate. Skipping the micro-steps
+    that are idle on both ranks gives the losses and gradient norms of the plain order."""
+    from sftjobs.render import render_template
+
+    ds = lf_setup / "ds_z2.json"
+    ds.write_text(render_template("deepspeed.json.j2", stage=2, offload=False))
+    common = ["gradient_accumulation_steps=4", f"deepspeed={ds}"]
+    plain, _ = train(lf_setup, "z2_plain", *common, ranks=2, port=29647)
+    skipped, err = train(lf_setup, "z2_skip", "--pack-rank-samples", "--skip-idle-micro-steps", *common, ranks=2,
+                         port=29648)
+    assert "layout rounds (ZeRO stage 2)" in err  # DeepSpeed really ran, at stage 2
+    assert "skip idle micro-steps: a micro-step with nothing to compute on any GPU was skipped" in err
+    assert len(plain) == 6 and close(skipped, plain), (skipped, plain)
+    norms = [[r["grad_norm"] for r in map(json.loads, (lf_setup / n / "trainer_log.jsonl").read_text().splitlines())
+              if "grad_norm" in r] for n in ("z2_plain", "z2_skip")]
+    assert close(norms[1], norms[0]), norms
+
+
 def test_per_sample_attention_matches_the_block_diagonal_mask(lf_setup):
     packed = ["packing=true", "cutoff_len=2048", "gradient_accumulation_steps=1", "max_steps=4"]
     mask, _ = train(lf_setup, "neat_mask", *packed, "neat_packing=true", f"tokenized_path={lf_setup / 'tok_neat'}")
