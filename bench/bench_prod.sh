@@ -7,21 +7,21 @@
 #
 # Items run in the order given, each only while the time budget (BUDGET_S from the start) leaves room for it:
 #   nccl     NCCL bus bandwidth between the GPUs (bench/nccl_bw.py)
-#   attn     per-sample attention of one layer on packs, torch's flash varlen call vs the SDPA loop (probe_gpu.py --attn)
-#   gputest  pytest -m gpu: the GPU-only tests (varlen against the loop: outputs, gradients, a Qwen2 forward/backward)
+#   attn     per-sample attention of one layer on packs: sftjobs' split, all-varlen runs, SDPA per sample (probe_gpu.py --attn)
+#   gputest  pytest -m gpu: the GPU-only tests (varlen runs against SDPA per sample: outputs, gradients, a Qwen2 model)
 #   probe    single-GPU plain-PyTorch probes (bench/probe_gpu.py: compute floor, memory without recompute)
 #   A        the plan's config: `sftjobs render prod` + bench/plan_config.sets (ZeRO-3 + CPU offload, bs1 x ga2)
 #   P        `sftjobs render prod` as configs/prod.yaml stands (deepspeed auto for this card's memory, balanced ranks),
 #            with batch.global_size = 2 x GPUs: the per-GPU work of an 8-GPU prod step (bs 1 x ga 2 per GPU)
 #            (configs/prod.yaml: speed.pack_rank_samples, i.e. BENCH_PACK=1)
 #   Pskip    P with speed.skip_idle_micro_steps (micro-steps empty on every GPU run no forward or backward)
-#   Ploop    P with per-sample attention as an SDPA loop instead of torch's flash varlen kernel (session 3's P)
+#   Ploop    P with every packed sample through SDPA, no varlen calls (session 3's P)
 #   Pb       P with balanced ranks but without packing each GPU's samples (session 2's P)
 #   Ppad     Pb without sftjobs' unpadded one-row batches (LLaMA-Factory pads to a multiple of 8 -> L x L mask)
 #   S        `sftjobs render prod` + bench/prod_proposal.sets (session 1's proposal: ZeRO-2, no balancing)
 #   fast     `sftjobs render fast` as configs/fast.yaml stands: neat_packing + Liger, speed.per_sample_attention
-#            (torch's flash varlen kernel where torch has it, else causal SDPA per sample), deepspeed auto (recompute only where needed)
-#   fastloop fast with per-sample attention as an SDPA loop instead of torch's flash varlen kernel (session 3's fast)
+#            (SDPA per sample, runs of short samples in one varlen call), deepspeed auto (recompute only where needed)
+#   fastloop fast with every packed sample through SDPA, no varlen calls (session 3's fast)
 #   fastmask fast with LLaMA-Factory's SDPA 4D block-diagonal mask (no per-sample attention), ZeRO-2 + recompute
 #   fastseg  fast on ZeRO-2 with recompute (sessions 1-3's fast)
 #   fastnr   fastseg without gradient checkpointing (session 3 call 1)

@@ -19,8 +19,8 @@ Environment:
                        sample-isolated rows (per-sample attention)
   BENCH_SKIP_IDLE=1    with BENCH_PACK: sftjobs' speed.skip_idle_micro_steps (micro-steps empty on every GPU run
                        no forward or backward)
-  BENCH_ATTN_LOOP=1    per-sample attention as causal SDPA once per sample even where torch's flash varlen kernel
-                       is there (sessions 1-3's kernel; compares against the varlen call)
+  BENCH_ATTN_LOOP=1    per-sample attention as causal SDPA once per sample, no varlen calls even for runs of
+                       short samples (sessions 1-3's kernel)
 
 Tokens are counted as input_ids != pad_id (HF's "non_padding" mode sums attention_mask, which is wrong for
 neat_packing's index mask). Derived from ../shared/reference/gpu-bench/lf_train.py.

@@ -45,8 +45,7 @@ DESCRIPTIONS = {
     "fast": "`sftjobs render fast` as configs/fast.yaml stands: neat_packing (sample-isolated packs of <= 15000 "
             "tokens), Liger, per-sample attention, deepspeed auto (recompute only where memory needs it), 1 pack per "
             "GPU per step",
-    "fastloop": "fast with per-sample attention as causal SDPA once per sample instead of torch's flash varlen kernel "
-                "(session 3's fast)",
+    "fastloop": "fast with every packed sample through causal SDPA, no varlen calls (session 3's fast)",
     "fastmask": "fast on ZeRO-2 with recompute and LLaMA-Factory's SDPA 4D block-diagonal mask (no flash-attn here)",
     "fastseg": "fast on ZeRO-2 with recompute (sessions 1-3): per-sample causal SDPA (flash kernel) instead of the 4D "
                "mask, what a varlen attention kernel gives",
