@@ -63,8 +63,13 @@ def train(root, name, *args, ranks=1, port=29641):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "WANDB_DISABLED": "true"}
     proc = subprocess.run(entry, capture_output=True, text=True, env=env, cwd=root, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    log = [json.loads(line) for line in (root / name / "trainer_log.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in log if "loss" in r], proc.stderr
+    return logged(root, name, "loss"), proc.stderr
+
+
+def logged(root, name, key):
+    """One value per logging step of the run's trainer_log.jsonl (loss, grad_norm, ...)."""
+    lines = (root / name / "trainer_log.jsonl").read_text().splitlines()
+    return [r[key] for r in map(json.loads, lines) if key in r]
 
 
 def close(a, b, tol=1e-4):
@@ -94,8 +99,7 @@ def test_packed_rank_samples_train_the_same_steps_on_two_ranks(lf_setup):
                         port=29645)
     assert len(plain) == 6
     assert close(packed, plain), (packed, plain)
-    norms = [[r["grad_norm"] for r in map(json.loads, (lf_setup / n / "trainer_log.jsonl").read_text().splitlines())
-              if "grad_norm" in r] for n in ("plain_g", "packed_g")]
+    norms = [logged(lf_setup, n, "grad_norm") for n in ("plain_g", "packed_g")]
     assert close(norms[1], norms[0]), norms
     found = re.search(r"\[sftjobs train\] pack rank samples: (\{.*?\})", err)
     assert found, err[-3000:]
@@ -108,8 +112,7 @@ def test_packed_rank_samples_train_the_same_steps_on_two_ranks(lf_setup):
                          "gradient_accumulation_steps=4", ranks=2, port=29646)
     assert "skip idle micro-steps: a micro-step with nothing to compute on any GPU was skipped" in err
     assert close(skipped, plain), (skipped, plain)
-    skip_norms = [r["grad_norm"] for r in map(json.loads, (lf_setup / "packed_skip" / "trainer_log.jsonl")
-                                                 .read_text().splitlines()) if "grad_norm" in r]
+    skip_norms = logged(lf_setup, "packed_skip", "grad_norm")
     assert close(skip_norms, norms[0]), (skip_norms, norms[0])
 
 
@@ -128,8 +131,7 @@ def test_skipped_idle_micro_steps_train_the_same_steps_under_deepspeed_zero2(lf_
     assert "layout rounds (ZeRO stage 2)" in err  # DeepSpeed really ran, at stage 2
     assert "skip idle micro-steps: a micro-step with nothing to compute on any GPU was skipped" in err
     assert len(plain) == 6 and close(skipped, plain), (skipped, plain)
-    norms = [[r["grad_norm"] for r in map(json.loads, (lf_setup / n / "trainer_log.jsonl").read_text().splitlines())
-              if "grad_norm" in r] for n in ("z2_plain", "z2_skip")]
+    norms = [logged(lf_setup, n, "grad_norm") for n in ("z2_plain", "z2_skip")]
     assert close(norms[1], norms[0]), norms
 
 
