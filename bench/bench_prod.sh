@@ -31,7 +31,7 @@
 #   X:NAME   an experiment: S + the --set lines of bench/experiments/NAME.sets
 #   PX:NAME  an experiment: P with bench/experiments/NAME.ds.json merged into its DeepSpeed config
 #   FX:NAME  the same for fast
-#   ITEM#N   (P, Pb, Ppad, Ploop, Pskip, PX, fast, FX) the item again, as out_<name>_rN: run-to-run noise in one call
+#   ITEM#N   (P, Pb, Ppad, Ploop, Pskip, PX, fast, fastloop, FX) the item again, as out_<name>_rN: run-to-run noise in one call
 #   chain    `sftjobs submit prod --dry-run-first --executor local` as configs/prod.yaml stands: data -> model ->
 #            preflight -> dry run (DRY_SAMPLES samples) -> validate_dry_run, then the full run is cancelled
 # Each training item is `torchrun bench/lf_bench.py <the rendered train.yaml>` (= FORCE_TORCHRUN=1
@@ -194,15 +194,14 @@ for item in $ITEMS; do
        lfrun A prod "$LIMIT_A" "$STEPS_A" tok_nopack "" "${PLAN[@]}" ;;
     S) lfrun S prod "$LIMIT_S" "$STEPS_S" tok_nopack "$PROPOSAL_ENV ${S_ENV:-}" "${PROP[@]}"
        ;;
-    fast|FX:*) name=fast$rep; patch=
-          case $item in FX:*) name=fast_${item#FX:}$rep; patch=bench/experiments/${item#FX:}.ds.json ;; esac
-          DSPATCH=$patch lfrun "$name" fast "$LIMIT_FAST" "$STEPS_FAST" tok_neat "$PROPOSAL_ENV BENCH_SEGMENT_ATTN=1" \
+    fast|fastloop|FX:*) name=$item$rep; patch=; mode=
+          case $item in fastloop) mode=BENCH_ATTN_LOOP=1 ;;
+                        FX:*) name=fast_${item#FX:}$rep; patch=bench/experiments/${item#FX:}.ds.json ;; esac
+          DSPATCH=$patch lfrun "$name" fast "$LIMIT_FAST" "$STEPS_FAST" tok_neat "$PROPOSAL_ENV BENCH_SEGMENT_ATTN=1 $mode" \
             --set "resources.gpu_memory_gib=$GPU_GIB"
           grep -h "memory plan" "$W/out_$name/render.log" ;;
     fastmask) lfrun fastmask fast "$LIMIT_FAST" "$STEPS_FAST" tok_neat "$PROPOSAL_ENV" --set deepspeed=z2 \
                 --set train.disable_gradient_checkpointing=false ;;
-    fastloop) lfrun fastloop fast "$LIMIT_FAST" "$STEPS_FAST" tok_neat "$PROPOSAL_ENV BENCH_SEGMENT_ATTN=1 BENCH_ATTN_LOOP=1" \
-                --set "resources.gpu_memory_gib=$GPU_GIB" ;;
     P|Pb|Ppad|Ploop|Pskip|PX:*) name=$item$rep; patch=
        case $item in P) mode="BENCH_PACK=1 BENCH_UNPAD=1" ;; Pb) mode="BENCH_BALANCE=1 BENCH_UNPAD=1" ;;
                      Ploop) mode="BENCH_PACK=1 BENCH_UNPAD=1 BENCH_ATTN_LOOP=1" ;;
