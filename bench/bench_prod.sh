@@ -8,13 +8,18 @@
 # Items run in the order given, each only while the time budget (BUDGET_S from the start) leaves room for it:
 #   nccl     NCCL bus bandwidth between the GPUs (bench/nccl_bw.py)
 #   attn     per-sample attention of one layer on packs: sftjobs' split, all-varlen runs, SDPA per sample (probe_gpu.py --attn)
-#   gputest  pytest -m gpu: the GPU-only tests (varlen runs against SDPA per sample: outputs, gradients, a Qwen2 model)
+#   gputest  pytest -m gpu: the GPU-only tests (varlen runs against SDPA per sample: outputs, gradients, a Qwen2 model;
+#            a sample split over two GPUs against the whole sample)
 #   probe    single-GPU plain-PyTorch probes (bench/probe_gpu.py: compute floor, memory without recompute)
 #   A        the plan's config: `sftjobs render prod` + bench/plan_config.sets (ZeRO-3 + CPU offload, bs1 x ga2)
 #   P        `sftjobs render prod` as configs/prod.yaml stands (deepspeed auto for this card's memory, balanced ranks),
 #            with batch.global_size = 2 x GPUs: the per-GPU work of an 8-GPU prod step (bs 1 x ga 2 per GPU)
-#            (configs/prod.yaml: speed.pack_rank_samples, i.e. BENCH_PACK=1)
-#   Pskip    P with speed.skip_idle_micro_steps (micro-steps empty on every GPU run no forward or backward)
+#            (configs/prod.yaml: speed.pack_rank_samples, skip_idle_micro_steps, split_long_samples, i.e. BENCH_PACK=1
+#            BENCH_SKIP_IDLE=1 BENCH_SPLIT=1; from session 5 on)
+#   Pnoskip  P with packing only (session 4's P)
+#   Pskip    Pnoskip with speed.skip_idle_micro_steps (micro-steps empty on every GPU run no forward or backward)
+#   Psplit   Pskip with speed.split_long_samples (a step's longest sample split over a GPU pair, attention across
+#            it): the same as P since session 5
 #   Ploop    P with every packed sample through SDPA, no varlen calls (session 3's P)
 #   Pb       P with balanced ranks but without packing each GPU's samples (session 2's P)
 #   Ppad     Pb without sftjobs' unpadded one-row batches (LLaMA-Factory pads to a multiple of 8 -> L x L mask)
@@ -31,7 +36,7 @@
 #   X:NAME   an experiment: S + the --set lines of bench/experiments/NAME.sets
 #   PX:NAME  an experiment: P with bench/experiments/NAME.ds.json merged into its DeepSpeed config
 #   FX:NAME  the same for fast
-#   ITEM#N   (P, Pb, Ppad, Ploop, Pskip, PX, fast, fastloop, FX) the item again, as out_<name>_rN: run-to-run noise in one call
+#   ITEM#N   (P, Pb, Ppad, Ploop, Pnoskip, Pskip, Psplit, PX, fast, fastloop, FX) the item again, as out_<name>_rN: run-to-run noise in one call
 #   chain    `sftjobs submit prod --dry-run-first --executor local` as configs/prod.yaml stands: data -> model ->
 #            preflight -> dry run (DRY_SAMPLES samples) -> validate_dry_run, then the full run is cancelled
 # Each training item is `torchrun bench/lf_bench.py <the rendered train.yaml>` (= FORCE_TORCHRUN=1
@@ -187,7 +192,8 @@ for item in $ITEMS; do
   case $item in
     nccl) [ "$NG" -gt 1 ] && timeout 90 torchrun --nproc_per_node "$NG" --master_port 29599 bench/nccl_bw.py "$W/nccl.json" 2>&1 | tail -2 ;;
     attn) timeout 120 python3 bench/probe_gpu.py --attn "$W/attn.json" 2>&1 | grep -v Warn | tail -8 ;;
-    gputest) timeout 180 python3 -m pytest -p no:cacheprovider -q -m gpu tests/test_per_sample_attention_gpu.py 2>&1 \
+    gputest) timeout 180 python3 -m pytest -p no:cacheprovider -q -m gpu tests/test_per_sample_attention_gpu.py \
+               tests/test_split_attention.py 2>&1 \
                | tail -15 | tee "$W/gputest.txt" ;;
     probe) [ "$(left)" -gt 100 ] && timeout $(( $(left) < 150 ? $(left) - 10 : 150 )) python3 bench/probe_gpu.py "${PROBE_MODEL:-qwen2.5-3b}" "$W/probe.json" 2>&1 | grep -v Warn | tail -30 ;;
     A) for i in $(seq 60); do grep -q "cpu_adam built\|Error" "$W/cpu_adam_build.log" 2>/dev/null && break; sleep 2; done
@@ -202,12 +208,14 @@ for item in $ITEMS; do
           grep -h "memory plan" "$W/out_$name/render.log" ;;
     fastmask) lfrun fastmask fast "$LIMIT_FAST" "$STEPS_FAST" tok_neat "$PROPOSAL_ENV" --set deepspeed=z2 \
                 --set train.disable_gradient_checkpointing=false ;;
-    P|Pb|Ppad|Ploop|Pskip|PX:*) name=$item$rep; patch=
-       case $item in P) mode="BENCH_PACK=1 BENCH_UNPAD=1" ;; Pb) mode="BENCH_BALANCE=1 BENCH_UNPAD=1" ;;
-                     Ploop) mode="BENCH_PACK=1 BENCH_UNPAD=1 BENCH_ATTN_LOOP=1" ;;
+    P|Pb|Ppad|Ploop|Pskip|Psplit|Pnoskip|PX:*) name=$item$rep; patch=
+       case $item in P|Psplit) mode="BENCH_PACK=1 BENCH_UNPAD=1 BENCH_SKIP_IDLE=1 BENCH_SPLIT=1" ;;
+                     Pb) mode="BENCH_BALANCE=1 BENCH_UNPAD=1" ;;
+                     Ploop) mode="BENCH_PACK=1 BENCH_UNPAD=1 BENCH_SKIP_IDLE=1 BENCH_SPLIT=1 BENCH_ATTN_LOOP=1" ;;
                      Pskip) mode="BENCH_PACK=1 BENCH_UNPAD=1 BENCH_SKIP_IDLE=1" ;;
+                     Pnoskip) mode="BENCH_PACK=1 BENCH_UNPAD=1" ;;
                      Ppad) mode="BENCH_BALANCE=1" ;;
-                     PX:*) mode="BENCH_PACK=1 BENCH_UNPAD=1"; name=P_${item#PX:}$rep
+                     PX:*) mode="BENCH_PACK=1 BENCH_UNPAD=1 BENCH_SKIP_IDLE=1 BENCH_SPLIT=1"; name=P_${item#PX:}$rep
                            patch=bench/experiments/${item#PX:}.ds.json ;; esac
        DSPATCH=$patch lfrun "$name" prod "$LIMIT_S" "$STEPS_S" tok_nopack "$PROPOSAL_ENV $mode ${P_ENV:-}" \
          --set "batch.global_size=$((2 * NG))" --set "resources.gpu_memory_gib=$GPU_GIB"

@@ -19,6 +19,8 @@ Environment:
                        sample-isolated rows (per-sample attention)
   BENCH_SKIP_IDLE=1    with BENCH_PACK: sftjobs' speed.skip_idle_micro_steps (micro-steps empty on every GPU run
                        no forward or backward)
+  BENCH_SPLIT=1        with BENCH_PACK: sftjobs' speed.split_long_samples (a step's longest sample split over a
+                       GPU pair where it costs more than a GPU's share)
   BENCH_ATTN_LOOP=1    per-sample attention as causal SDPA once per sample, no varlen calls even for runs of
                        short samples (sessions 1-3's kernel)
 
@@ -157,7 +159,8 @@ if __name__ == "__main__":
     if os.environ.get("BENCH_PACK") == "1":
         from sftjobs.steps.lf_train import install_pack_rank_samples
 
-        install_pack_rank_samples(skip_idle=os.environ.get("BENCH_SKIP_IDLE") == "1")
+        install_pack_rank_samples(skip_idle=os.environ.get("BENCH_SKIP_IDLE") == "1",
+                                  split=os.environ.get("BENCH_SPLIT") == "1")
     elif os.environ.get("BENCH_BALANCE") == "1":
         from sftjobs.steps.lf_train import install_balanced_sampler
 

@@ -31,10 +31,14 @@ DESCRIPTIONS = {
          "params and optimizer, bs 1 x ga 2, no packing, attention auto -> SDPA, gradient checkpointing)",
     "P": "sftjobs' prod as configs/prod.yaml stands (deepspeed auto for the card's memory, balanced ranks with each "
          "GPU's samples of a step packed into sample-isolated rows: causal SDPA per sample, runs of short samples in "
-         "one flash varlen call; Liger, SDPA off cuDNN), with batch.global_size = 2 x GPUs so each GPU does what it "
-         "does in an 8-GPU prod step",
-    "Pskip": "P with speed.skip_idle_micro_steps: the micro-step of a step that is empty on every GPU (one per "
+         "one flash varlen call; idle micro-steps skipped, a step's longest sample split over a GPU pair where it "
+         "costs more than a GPU's share; Liger, SDPA off cuDNN), with batch.global_size = 2 x GPUs so each GPU "
+         "does what it does in an 8-GPU prod step",
+    "Pnoskip": "P with packing only: no idle micro-steps skipped, no samples split (session 4's P)",
+    "Pskip": "Pnoskip with speed.skip_idle_micro_steps: the micro-step of a step that is empty on every GPU (one per "
              "step at 2 samples per GPU) runs no forward or backward instead of a one-token row",
+    "Psplit": "Pskip with speed.split_long_samples: where a step's longest sample costs more than a GPU's share, it "
+              "is split over a GPU pair (half each, keys and values gathered over the pair in every attention layer)",
     "Ploop": "P with every sample through causal SDPA (no varlen calls; session 3's kernel)",
     "Pb": "P with balanced ranks but one sample per micro-step (no packing of a GPU's samples): session 2's P",
     "Ppad": "Pb with LLaMA-Factory's padding of every batch to a multiple of 8 (what P had before sftjobs' training "
@@ -282,7 +286,7 @@ def main() -> None:
         pass
     ngpu = len(gpus) or 1
     names = [os.path.basename(p)[4:] for p in sorted(glob.glob(os.path.join(workdir, "out_*")))]
-    known = ("A", "P", "Pskip", "Ploop", "Pb", "Ppad", "S", "SB", "S1B", "fast", "fastloop", "fastmask", "fastseg", "fastnr")
+    known = ("A", "P", "Pnoskip", "Pskip", "Psplit", "Ploop", "Pb", "Ppad", "S", "SB", "S1B", "fast", "fastloop", "fastmask", "fastseg", "fastnr")
     order = [n for n in known if n in names] + [n for n in names if n not in known]
     configs = {n: harness_item(workdir, n, warm, n_params, peak, mean_tok) for n in order}
     chain = chain_item(workdir, n_params, peak, mean_tok, ngpu)

@@ -140,6 +140,9 @@ SCHEMA: dict[str, Key] = {
                                    "or several short ones)"),
     "speed.skip_idle_micro_steps": Key(bool, False, help="with pack_rank_samples: a micro-step with nothing to "
                                        "compute on any GPU runs no forward or backward (instead of a one-token row)"),
+    "speed.split_long_samples": Key(bool, False, help="with pack_rank_samples: a step's longest sample, where it "
+                                    "costs more than a GPU's share, is split over a pair of GPUs (attention "
+                                    "across the pair; the same loss and gradients)"),
     "train": Key(dict, {}, help="LLaMA-Factory keys, passed through"),
 }
 SECTIONS = {k.split(".")[0] for k in SCHEMA if "." in k}
@@ -440,6 +443,9 @@ def _validate_relations(v: dict[str, Any], where: str) -> None:
     if v["speed"]["skip_idle_micro_steps"] and not v["speed"]["pack_rank_samples"]:
         raise SftjobsError(f"{where}: speed.skip_idle_micro_steps needs speed.pack_rank_samples: true (only packed "
                            "steps have micro-steps with nothing to compute); turn one on or this off.")
+    if v["speed"]["split_long_samples"] and not v["speed"]["pack_rank_samples"]:
+        raise SftjobsError(f"{where}: speed.split_long_samples needs speed.pack_rank_samples: true (the halves of a "
+                           "split sample are packed rows); turn one on or this off.")
     if v["train"].get("bf16") and res["gpus_per_node"] == 0:
         raise SftjobsError(f"{where}: train.bf16 is true but resources.gpus_per_node is 0; a CPU run needs bf16: false.")
 

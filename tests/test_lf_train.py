@@ -135,6 +135,40 @@ def test_skipped_idle_micro_steps_train_the_same_steps_under_deepspeed_zero2(lf_
     assert close(norms[1], norms[0]), norms
 
 
+def split_summary(err):
+    found = re.search(r"\[sftjobs train\] pack rank samples: (\{.*?\})", err)
+    assert found, err[-3000:]
+    return json.loads(found.group(1))
+
+
+def test_long_samples_split_over_a_rank_pair_train_the_same_steps(lf_setup):
+    """A step's longest sample split over the two ranks (half each, attention across the pair): the losses and
+    gradient norms of the plain order, without DeepSpeed and under real DeepSpeed ZeRO-2 (gloo on the CPU).
+    One sample per rank and step (ga 1), so that most steps have a sample to split."""
+    from sftjobs.render import render_template
+
+    plain, _ = train(lf_setup, "plain_s", "gradient_accumulation_steps=1", ranks=2, port=29649)
+    split, err = train(lf_setup, "split", "--pack-rank-samples", "--split-long-samples",
+                       "gradient_accumulation_steps=1", ranks=2, port=29650)
+    assert "split long samples: 1 rank pair(s)" in err
+    assert re.search(r"split long samples: a \d+-token sample ran split over ranks 0 and 1", err), err[-3000:]
+    summary = split_summary(err)
+    assert summary["split_samples_per_step"] > 0, summary
+    assert len(plain) == 6 and close(split, plain), (split, plain)
+    norms = [logged(lf_setup, n, "grad_norm") for n in ("plain_s", "split")]
+    assert close(norms[1], norms[0]), norms
+    ds = lf_setup / "ds_z2s.json"
+    ds.write_text(render_template("deepspeed.json.j2", stage=2, offload=False))
+    z2_plain, _ = train(lf_setup, "z2s_plain", "gradient_accumulation_steps=1", f"deepspeed={ds}", ranks=2,
+                        port=29651)
+    z2_split, err = train(lf_setup, "z2s_split", "--pack-rank-samples", "--split-long-samples",
+                          "gradient_accumulation_steps=1", f"deepspeed={ds}", ranks=2, port=29652)
+    assert "layout rounds (ZeRO stage 2)" in err and "ran split over ranks 0 and 1" in err
+    assert close(z2_split, z2_plain), (z2_split, z2_plain)
+    norms = [logged(lf_setup, n, "grad_norm") for n in ("z2s_plain", "z2s_split")]
+    assert close(norms[1], norms[0]), norms
+
+
 def test_per_sample_attention_matches_the_block_diagonal_mask(lf_setup):
     packed = ["packing=true", "cutoff_len=2048", "gradient_accumulation_steps=1", "max_steps=4"]
     mask, _ = train(lf_setup, "neat_mask", *packed, "neat_packing=true", f"tokenized_path={lf_setup / 'tok_neat'}")

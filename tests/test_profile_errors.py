@@ -59,6 +59,8 @@ CASES = [
      ["speed.pack_rank_samples", "per_device_train_batch_size: 1"]),
     ("skip-idle-without-packs", "extends: toy\nspeed:\n  skip_idle_micro_steps: true\n", [],
      ["speed.skip_idle_micro_steps", "speed.pack_rank_samples: true"]),
+    ("split-without-packs", "extends: toy\nspeed:\n  split_long_samples: true\n", [],
+     ["speed.split_long_samples", "speed.pack_rank_samples: true"]),
     ("balance-ranks-not-bool", "extends: toy\nspeed:\n  balance_ranks: maybe\n", [], ["speed.balance_ranks", "true/false"]),
     ("missing-output-dir", "model:\n  hub_id: a/b\n  local_dir: ./m\ndata:\n  hub_repo: a/b\n  hub_file: f.jsonl\n", [],
      ["output_dir", "missing"]),

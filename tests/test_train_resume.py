@@ -58,6 +58,9 @@ def test_training_command_single_process_and_torchrun():
     skipping = training_command(Path("/r/t.yaml"), None, {"pack_rank_samples": True, "skip_idle_micro_steps": True},
                                 env={})
     assert skipping[1:5] == ["-m", "sftjobs.steps.lf_train", "--pack-rank-samples", "--skip-idle-micro-steps"]
+    splitting = training_command(Path("/r/t.yaml"), None, {"pack_rank_samples": True, "split_long_samples": True},
+                                 env={})
+    assert splitting[1:5] == ["-m", "sftjobs.steps.lf_train", "--pack-rank-samples", "--split-long-samples"]
     # more than one process per node means torchrun even without FORCE_TORCHRUN, as llamafactory-cli decides
     assert "torch.distributed.run" in training_command(Path("/r/t.yaml"), None, env={"NPROC_PER_NODE": "2"})
 

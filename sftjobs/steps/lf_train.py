@@ -1,8 +1,9 @@
 """What every training process runs: LLaMA-Factory's own ``run_exp()`` (what ``llamafactory-cli train CFG.yaml``
 runs) with sftjobs' in-process additions.
 
-    python -m sftjobs.steps.lf_train [--balance-ranks | --pack-rank-samples [--skip-idle-micro-steps]]
-                                     [--per-sample-attention] [--memory-log PREFIX] CFG.yaml [key=value ...]
+    python -m sftjobs.steps.lf_train [--balance-ranks | --pack-rank-samples [--skip-idle-micro-steps]
+                                     [--split-long-samples]] [--per-sample-attention] [--memory-log PREFIX]
+                                     CFG.yaml [key=value ...]
 
 The train step starts it under torchrun on each node (as ``FORCE_TORCHRUN=1 llamafactory-cli train`` would);
 the YAML and key=value overrides are read by LLaMA-Factory's own parser, unchanged.
@@ -14,6 +15,8 @@ the YAML and key=value overrides are read by LLaMA-Factory's own parser, unchang
                           (rank_balance.pack_chunk; PackedRows), attention kept inside each sample
   --skip-idle-micro-steps with --pack-rank-samples: a micro-step with nothing to compute on any GPU (IDLE_PACK)
                           runs no forward or backward, instead of a one-token row (install_idle_skip)
+  --split-long-samples    with --pack-rank-samples: a step's longest sample, where it costs more than a GPU's
+                          share, is split over a pair of GPUs (rank_balance, split_attention; install_split_halves)
   always                  a batch of one unpacked row is not padded to a multiple of 8, so SDPA keeps its causal
                           flash kernel (install_unpadded_single_rows)
   --memory-log PREFIX     every logging step, each rank appends its CUDA allocator numbers to PREFIX-rank<R>.jsonl:
@@ -32,11 +35,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sftjobs.steps import rank_balance
+from sftjobs.steps import rank_balance, split_attention
 
 LENGTH_SLICE = 4096  # rows per Arrow slice when reading token counts
 IGNORE_INDEX = -100  # LLaMA-Factory's and transformers' label for "no loss here"
 IDLE_KEY = "sftjobs_idle"  # a PackedRows row standing for an idle micro-step (install_idle_skip)
+SPLIT_KEY = "sftjobs_split"  # a PackedRows row that starts with half of a split sample (install_split_halves)
 
 
 def log(message: str) -> None:
@@ -73,10 +77,10 @@ def make_balanced_sampler_class():
         """The base sampler's order, reordered inside each optimizer step (rank_balance.balanced_order)."""
 
         def __init__(self, base, lengths, world: int, per_device: int, accum: int, layout: str,
-                     pack_capacity: int | None = None, attention_span: float | None = None):
+                     pack_capacity: int | None = None, attention_span: float | None = None, split: bool = False):
             self.base, self.lengths = base, lengths
             self.world, self.per_device, self.accum, self.layout = world, per_device, accum, layout
-            self.pack_capacity, self.attention_span = pack_capacity, attention_span
+            self.pack_capacity, self.attention_span, self.split = pack_capacity, attention_span, split
 
         def __len__(self) -> int:
             return len(self.base)
@@ -86,7 +90,8 @@ def make_balanced_sampler_class():
             args = (self.lengths, self.world, self.per_device, self.accum)
             if self.pack_capacity:  # tuples of indices: PackedRows merges each into one row
                 order = list(rank_balance.packed_order(base, self.lengths, self.world, self.accum,
-                                                       self.pack_capacity, self.layout, self.attention_span))
+                                                       self.pack_capacity, self.layout, self.attention_span,
+                                                       self.split))
                 label, stats = "pack rank samples", lambda: rank_balance.pack_summary(
                     base, order, self.lengths, self.world, self.accum, self.attention_span)
             else:
@@ -135,9 +140,10 @@ def attention_span(model) -> float | None:
     return params / (hidden * layers) / 2
 
 
-def install_balanced_sampler(pack: bool = False) -> None:
+def install_balanced_sampler(pack: bool = False, split: bool = False) -> None:
     """speed.balance_ranks; with ``pack`` (speed.pack_rank_samples) the sampler yields packs of indices, which
-    install_packed_rows turns into rows."""
+    install_packed_rows turns into rows; with ``split`` (speed.split_long_samples) packs may hold halves of a
+    sample split over a rank pair, whose process groups are made here (every rank builds its sampler)."""
     from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
 
     original = CustomSeq2SeqTrainer._get_train_sampler
@@ -166,8 +172,14 @@ def install_balanced_sampler(pack: bool = False) -> None:
         capacity = max(lengths, default=1)  # a pack needs no more memory than the longest sample alone
         span = attention_span(self.model)
         log(f"pack rank samples: packs of <= {capacity} tokens, attention span {span and round(span)}")
+        pairs = split and world % 2 == 0
+        if split and not pairs:
+            log(f"split long samples: off, {world} ranks do not form pairs")
+        if pairs:
+            split_attention.make_pair_groups(world)
+            log(f"split long samples: {world // 2} rank pair(s)")
         return BalancedSampler(seedable_base(self, sampler), lengths, world, per_device, accum, layout,
-                               pack_capacity=capacity, attention_span=span)
+                               pack_capacity=capacity, attention_span=span, split=pairs)
 
     CustomSeq2SeqTrainer._get_train_sampler = _get_train_sampler
 
@@ -191,6 +203,27 @@ def merge_rows(rows: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     return merged
 
 
+def merge_split_row(sample: dict[str, Any], half: int, rest: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Half of a split sample, then ``rest`` as merge_rows packs them, as one row. The half's labels are in target
+    form (split_attention.half_row); the target of its last position goes into the next slot: the first of
+    ``rest`` (a sample's first label is a prompt token, never a target) or, with nothing after it, a pad token
+    of its own (its position restarts, so per-sample attention keeps it apart)."""
+    piece = split_attention.half_row(sample["input_ids"], sample["labels"], half)
+    merged = {"input_ids": piece["input_ids"], "labels": piece["labels"], "position_ids": piece["position_ids"],
+              "attention_mask": [1] * len(piece["input_ids"])}
+    if rest:
+        after = merge_rows(rest, pad_id)
+        after["labels"] = [piece["last_target"]] + after["labels"][1:]
+    elif piece["last_target"] != IGNORE_INDEX:
+        after = {"input_ids": [pad_id], "attention_mask": [1], "labels": [piece["last_target"]], "position_ids": [0]}
+    else:
+        after = {key: [] for key in merged}
+    for key in merged:
+        merged[key] = merged[key] + after[key]
+    merged[SPLIT_KEY] = {"length": len(sample["input_ids"]), "half": half}
+    return merged
+
+
 def make_packed_rows_class():
     import torch
 
@@ -206,6 +239,9 @@ def make_packed_rows_class():
         def __getitem__(self, key):
             if key == rank_balance.IDLE_PACK:  # nothing to compute on any rank in this micro-step
                 return {IDLE_KEY: True} if self.skip_idle else merge_rows([], self.pad_id)
+            if key and isinstance(key[0], rank_balance.Half):  # pack_chunk puts a split half first
+                return merge_split_row(self.rows[key[0].index], key[0].half, [self.rows[i] for i in key[1:]],
+                                       self.pad_id)
             if isinstance(key, tuple):
                 return merge_rows([self.rows[i] for i in key], self.pad_id)
             return self.rows[key]
@@ -216,17 +252,64 @@ def make_packed_rows_class():
     return PackedRows
 
 
-def install_pack_rank_samples(skip_idle: bool = False) -> None:
+def install_pack_rank_samples(skip_idle: bool = False, split: bool = False) -> None:
     """speed.pack_rank_samples: the packed sampler, PackedRows behind it, and per-sample attention (needed even
     where flash-attn is installed: a packed row's mask is all ones); with ``skip_idle``
-    (speed.skip_idle_micro_steps) idle micro-steps are skipped."""
+    (speed.skip_idle_micro_steps) idle micro-steps are skipped; with ``split`` (speed.split_long_samples) long
+    samples may be split over a rank pair."""
     from sftjobs.steps import per_sample_attention
 
-    install_balanced_sampler(pack=True)
+    install_balanced_sampler(pack=True, split=split)
     install_packed_rows(skip_idle)
     if skip_idle:
         install_idle_skip()
+    if split:
+        install_split_halves()
     per_sample_attention.install(log=log, always=True)
+
+
+def install_split_halves() -> None:
+    """A row starting with half of a split sample: the collator carries its SPLIT_KEY (length, half) past
+    LLaMA-Factory's collator, and the training step hands it, with the pair's process group, to the attention
+    (split_attention.CURRENT) for that micro-step's forward and backward."""
+    from llamafactory.data.collator import SFTDataCollatorWith4DAttentionMask as Collator
+    from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
+
+    call = Collator.__call__
+
+    def _call(self, features):
+        splits = [feature.pop(SPLIT_KEY, None) for feature in features]
+        batch = call(self, features)
+        if any(splits):
+            if len(features) != 1:
+                raise RuntimeError("split long samples needs per_device_train_batch_size 1")
+            batch[SPLIT_KEY] = splits[0]
+        return batch
+
+    Collator.__call__ = _call
+    training_step = CustomSeq2SeqTrainer.training_step
+
+    def _training_step(self, model, inputs, *args, **kwargs):
+        split = inputs.pop(SPLIT_KEY, None)
+        if split is None:
+            return training_step(self, model, inputs, *args, **kwargs)
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
+        if split["half"] != rank % 2:
+            raise RuntimeError(f"rank {rank} got half {split['half']} of a split sample; pairs are (2p, 2p+1)")
+        if not getattr(self, "sftjobs_split_reported", False):
+            self.sftjobs_split_reported = True
+            log(f"split long samples: a {split['length']}-token sample ran split over ranks {rank - rank % 2} "
+                f"and {rank - rank % 2 + 1}")
+        split_attention.CURRENT = split_attention.SplitHalf(split["length"], split["half"],
+                                                            split_attention.GROUPS[rank // 2])
+        try:
+            return training_step(self, model, inputs, *args, **kwargs)
+        finally:
+            split_attention.CURRENT = None
+
+    CustomSeq2SeqTrainer.training_step = _training_step
 
 
 def install_idle_skip() -> None:
@@ -360,6 +443,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--per-sample-attention", action="store_true")
     parser.add_argument("--pack-rank-samples", action="store_true")
     parser.add_argument("--skip-idle-micro-steps", action="store_true")
+    parser.add_argument("--split-long-samples", action="store_true")
     parser.add_argument("--memory-log", metavar="PREFIX")
     parser.add_argument("config", help="LLaMA-Factory training YAML")
     parser.add_argument("overrides", nargs="*", help="key=value, as llamafactory-cli takes them")
@@ -372,8 +456,10 @@ def main(argv: list[str] | None = None) -> None:
     install_unpadded_single_rows()
     if opts.skip_idle_micro_steps and not opts.pack_rank_samples:
         raise SystemExit("--skip-idle-micro-steps needs --pack-rank-samples (only packed steps have idle micro-steps)")
+    if opts.split_long_samples and not opts.pack_rank_samples:
+        raise SystemExit("--split-long-samples needs --pack-rank-samples (halves of a sample are packed rows)")
     if opts.pack_rank_samples:
-        install_pack_rank_samples(skip_idle=opts.skip_idle_micro_steps)
+        install_pack_rank_samples(skip_idle=opts.skip_idle_micro_steps, split=opts.split_long_samples)
     elif opts.balance_ranks:
         install_balanced_sampler()
     if opts.per_sample_attention and not opts.pack_rank_samples:

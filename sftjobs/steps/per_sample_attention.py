@@ -20,9 +20,12 @@ import inspect
 import weakref
 from typing import Any
 
+from sftjobs.steps import split_attention
+
 NAME = "sftjobs_per_sample_sdpa"
 USE_VARLEN = True  # the benchmark harness turns it off to time the per-sample SDPA loop (BENCH_ATTN_LOOP=1)
 SHORT_SAMPLE = 2048  # runs of consecutive samples shorter than this go through one varlen call (row_pieces)
+SPLIT = "split"  # row_pieces' mark for the half of a sample split over a GPU pair (split_attention)
 
 
 @functools.lru_cache(maxsize=1)
@@ -76,12 +79,16 @@ def per_sample_sdpa(module, query, key, value, attention_mask, scaling=None, dro
     bounds = sample_bounds(kwargs.get("position_ids"), query.shape[0], query.shape[2])
     flash_ok = query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
     varlen = varlen_causal() if USE_VARLEN and flash_ok else None
+    split = split_attention.CURRENT  # this rank's half of a sample split over a GPU pair: row 0 starts with it
+    split_end = split_attention.half_length(split.length, split.half) if split is not None else 0
     rows = []
-    for b, pieces in enumerate(row_pieces(bounds, query.device, varlen is not None)):
+    for b, pieces in enumerate(row_pieces(bounds, query.device, varlen is not None, split_end)):
         outs = []  # each [1, len, H, D]
         for start, end, cu_seq, longest in pieces:
             q, k, v = query[b:b + 1, :, start:end], key[b:b + 1, :, start:end], value[b:b + 1, :, start:end]
-            if cu_seq is None:
+            if cu_seq is SPLIT:
+                outs.append(split_attention.split_attention(q, k, v, split, scaling))
+            elif cu_seq is None:
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
                 outs.append(out.transpose(1, 2))
             else:
@@ -92,10 +99,12 @@ def per_sample_sdpa(module, query, key, value, attention_mask, scaling=None, dro
     return out.contiguous(), None
 
 
-def row_pieces(bounds: list[list[int]], device, varlen: bool) -> list[list[tuple[int, int, Any, int]]]:
+def row_pieces(bounds: list[list[int]], device, varlen: bool, split_end: int = 0
+               ) -> list[list[tuple[int, int, Any, int]]]:
     """Per row, its attention calls as (start, end, cu_seq, longest): cu_seq None is one causal SDPA call for
-    one sample; otherwise one varlen call over a run of consecutive short samples (cu_seq their int32 offsets
-    from start). Built once per forward (every layer asks for the same) and cached with the boundaries.
+    one sample; SPLIT is the half of a sample split over a GPU pair, [0, split_end) of the first row
+    (split_attention); otherwise one varlen call over a run of consecutive short samples (cu_seq their int32
+    offsets from start). Built once per forward (every layer asks for the same) and cached with the boundaries.
 
     Short means under SHORT_SAMPLE tokens, in runs of two or more: torch's varlen kernel saves the per-call cost
     of many short samples, but ran long ones at about half the speed of SDPA's causal kernel on an H100
@@ -104,13 +113,19 @@ def row_pieces(bounds: list[list[int]], device, varlen: bool) -> list[list[tuple
     """
     import torch
 
-    key = (bounds, str(device), varlen, SHORT_SAMPLE)
+    key = (bounds, str(device), varlen, SHORT_SAMPLE, split_end)
     if _CACHE[2] is not None and _CACHE[2][0] == key:
         return _CACHE[2][1]
     rows = []
-    for row in bounds:
+    for number, row in enumerate(bounds):
         pieces: list[tuple[int, int, Any, int]] = []
         run: list[tuple[int, int]] = []
+        if number == 0 and split_end:  # the split half's chunks run on without a position restart
+            if split_end not in row:
+                raise RuntimeError(f"a split sample's half of {split_end} tokens does not end at a sample boundary "
+                                   f"of its row ({row[:8]}...)")
+            pieces.append((0, split_end, SPLIT, 0))
+            row = row[row.index(split_end):]
         for s, e in [*zip(row[:-1], row[1:], strict=True), (row[-1], None)]:  # (end, None) closes the last run
             if e is not None and varlen and e - s < SHORT_SAMPLE:
                 run.append((s, e))

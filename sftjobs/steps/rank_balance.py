@@ -30,14 +30,29 @@ step's last (synchronising) micro-step; pack_chunk marks it IDLE_PACK on every r
 is one micro-step of every step (the greedy fits a GPU's samples into one pack). Trained, it is a one-token row
 without labels; with speed.skip_idle_micro_steps the trainer skips it on every rank at once, so no rank waits
 in a collective the others never reach.
+
+Split (speed.split_long_samples): whole samples cannot beat the longest one, so while a step's longest sample
+costs more than the mean rank's share, it is split over a pair of ranks (2p, 2p+1), half each in their last
+micro-step (``Half`` entries; split_attention.py computes its attention across the pair), at most one per pair.
+The other samples are then dealt as above around the halves.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+from sftjobs.steps.split_attention import half_length
 
 LAYOUTS = ("rounds", "ranks")
+SPLIT_MIN_TOKENS = 16  # shorter samples are never split (each of the four chunks keeps a few tokens)
+
+
+class Half(NamedTuple):
+    """A pack entry: one half of sample ``index``, split over a rank pair (split_attention.half_chunks)."""
+    index: int
+    half: int
 # A micro-step with nothing to compute on any rank (not a dataset index: PackedRows turns it into a row)
 IDLE_PACK: tuple = (None,)
 
@@ -96,21 +111,47 @@ def sample_cost(length: int, attention_span: float | None = None) -> float:
     return length + (length * length / attention_span if attention_span else 0.0)
 
 
+def entry_tokens(entry, lengths: Sequence[int]) -> int:
+    """Tokens of a pack entry: a sample index, or a Half of one."""
+    return half_length(lengths[entry.index], entry.half) if isinstance(entry, Half) else lengths[entry]
+
+
+def entry_cost(entry, lengths: Sequence[int], attention_span: float | None = None) -> float:
+    if isinstance(entry, Half):
+        return sample_cost(lengths[entry.index], attention_span) / 2
+    return sample_cost(lengths[entry], attention_span)
+
+
 def pack_chunk(indices: Sequence[int], lengths: Sequence[int], world: int, accum: int, capacity: int,
-               layout: str = "ranks", attention_span: float | None = None) -> list[tuple[int, ...]]:
+               layout: str = "ranks", attention_span: float | None = None, split: bool = False) -> list[tuple]:
     """One optimizer step's samples as ``world x accum`` packs, in the order accelerate deals them out (bs 1).
 
     Longest first, each sample goes to the least loaded rank (by ``sample_cost``) that has a pack with room, into
     that rank's fullest pack where it fits. Each rank's packs are then ordered smallest first, so micro-step m
     holds every rank's m-th smallest (with ``layout`` rounds, ZeRO-2/3's sync after every micro-step waits for
     similar packs) and micro-steps empty on every rank come first: those are IDLE_PACK on every rank. Where the
-    greedy cannot place a sample, the chunk falls back to one sample per pack (``balance_chunk``)."""
+    greedy cannot place a sample, the chunk falls back to one sample per pack (``balance_chunk``).
+
+    With ``split``, first, while the longest remaining sample costs more than the mean rank's share (and a pair
+    is free), its two halves go to ranks 2p and 2p+1, first in their last micro-step's pack (which stays last)."""
     if len(indices) != world * accum:
         raise ValueError(f"a chunk holds world x accum = {world * accum} samples, not {len(indices)}")
     ranked = sorted(indices, key=lambda i: (-lengths[i], i))
-    packs: list[list[list[int]]] = [[[] for _ in range(accum)] for _ in range(world)]
+    packs: list[list[list]] = [[[] for _ in range(accum)] for _ in range(world)]
     room = [[capacity] * accum for _ in range(world)]
     load = [0.0] * world
+    share = sum(sample_cost(lengths[i], attention_span) for i in indices) / world
+    pairs = world // 2 if split else 0
+    for pair in range(pairs):
+        index = ranked[0]
+        if lengths[index] < SPLIT_MIN_TOKENS or sample_cost(lengths[index], attention_span) <= share:
+            break
+        ranked.pop(0)
+        for half in (0, 1):
+            rank = 2 * pair + half
+            packs[rank][accum - 1].append(Half(index, half))
+            room[rank][accum - 1] -= half_length(lengths[index], half)
+            load[rank] += entry_cost(Half(index, half), lengths, attention_span)
     for index in ranked:
         length = lengths[index]
         for rank in sorted(range(world), key=lambda r: (load[r], r)):
@@ -124,7 +165,10 @@ def pack_chunk(indices: Sequence[int], lengths: Sequence[int], world: int, accum
         else:
             return [(i,) for i in balance_chunk(indices, lengths, world, 1, accum, layout)]
     for rank in range(world):
-        packs[rank].sort(key=lambda p: sum(lengths[i] for i in p))
+        if packs[rank][accum - 1][:1] and isinstance(packs[rank][accum - 1][0], Half):  # the pair's micro-step
+            packs[rank][:accum - 1] = sorted(packs[rank][:accum - 1], key=lambda p: sum(lengths[i] for i in p))
+        else:
+            packs[rank].sort(key=lambda p: sum(entry_tokens(e, lengths) for e in p))
     idle = [all(not packs[rank][micro] for rank in range(world)) for micro in range(accum)]
     order: list[tuple] = [()] * (world * accum)
     for rank in range(world):
@@ -134,13 +178,15 @@ def pack_chunk(indices: Sequence[int], lengths: Sequence[int], world: int, accum
 
 
 def packed_order(base: Sequence[int], lengths: Sequence[int], world: int, accum: int, capacity: int,
-                 layout: str = "ranks", attention_span: float | None = None) -> Iterator[tuple[int, ...]]:
+                 layout: str = "ranks", attention_span: float | None = None, split: bool = False
+                 ) -> Iterator[tuple]:
     """``base`` (the trainer's random order) as packs, one full optimizer step at a time; a last partial step
     keeps its base order, one sample per pack."""
     chunk = world * accum
     full = len(base) - len(base) % chunk
     for start in range(0, full, chunk):
-        yield from pack_chunk(base[start:start + chunk], lengths, world, accum, capacity, layout, attention_span)
+        yield from pack_chunk(base[start:start + chunk], lengths, world, accum, capacity, layout, attention_span,
+                              split)
     yield from ((i,) for i in base[full:])
 
 
@@ -156,16 +202,18 @@ def pack_summary(base: Sequence[int], packs: Sequence[tuple[int, ...]], lengths:
         for start in range(0, len(groups) - len(groups) % chunk, chunk):
             totals = [0.0] * world
             for pos, group in enumerate(groups[start:start + chunk]):
-                totals[pos % world] += sum(sample_cost(lengths[i], attention_span) for i in group if i is not None)
+                totals[pos % world] += sum(entry_cost(e, lengths, attention_span) for e in group if e is not None)
             slowest, mean = slowest + max(totals), mean + sum(totals) / world
         return round(slowest / mean, 3) if mean else 1.0
 
     steps = len(base) // chunk
     empty = sum(1 for p in packs[:steps * chunk] if not p or p == IDLE_PACK)
     idle = sum(1 for p in packs[:steps * chunk] if p == IDLE_PACK) / world
+    halves = sum(1 for p in packs[:steps * chunk] for e in p if isinstance(e, Half))
     return {"steps": steps, "slowest_over_mean_before": ratio([(i,) for i in base]),
             "slowest_over_mean_after": ratio(packs), "empty_packs_per_step": round(empty / steps, 2) if steps else 0,
-            "idle_micro_steps_per_step": round(idle / steps, 2) if steps else 0}
+            "idle_micro_steps_per_step": round(idle / steps, 2) if steps else 0,
+            "split_samples_per_step": round(halves / 2 / steps, 2) if steps else 0}
 
 
 def balanced_order(base: Sequence[int], lengths: Sequence[int], world: int, per_device: int, accum: int,

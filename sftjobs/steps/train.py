@@ -87,6 +87,8 @@ def training_command(config: Path, resume: Path | None, speed: dict | None = Non
         entry.append("--pack-rank-samples")
     if speed.get("skip_idle_micro_steps"):
         entry.append("--skip-idle-micro-steps")
+    if speed.get("split_long_samples"):
+        entry.append("--split-long-samples")
     if memory_log is not None:
         entry += ["--memory-log", str(memory_log)]
     entry.append(str(config))
