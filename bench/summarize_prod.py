@@ -212,7 +212,7 @@ def chain_item(workdir: str, n_params: int, peak: float, mean_tok: float | None,
         return None
     run_dir = os.path.join(workdir, "jobs", run)
     d: dict = {"description": "the prod chain through sftjobs itself (`sftjobs submit prod --dry-run-first "
-                              "--executor local` + bench/prod_proposal.sets): its dry run, measured from "
+                              "--executor local` as configs/prod.yaml stands): its dry run, measured from "
                               "LLaMA-Factory's trainer_log.jsonl and sftjobs' monitor", "run_id": run}
     try:
         d["status_table"] = open(os.path.join(workdir, "chain_status.txt")).read()
@@ -247,7 +247,8 @@ def chain_item(workdir: str, n_params: int, peak: float, mean_tok: float | None,
                   "measured_to_step": e1["current_steps"], "s_per_step_mean": round((t1 - t0) / steps, 3),
                   "tokens_per_step": round((e1["total_tokens"] - e0["total_tokens"]) / steps),
                   "tok_s_gpu": round(tps, 1), "mfu": round(6 * n_params * tps / (peak * 1e12), 4) if peak else None,
-                  "first_loss": entries[0].get("loss"), "last_loss": entries[-1].get("loss"),
+                  "first_loss": entries[0].get("loss"),
+                  "last_loss": next((e["loss"] for e in reversed(entries) if "loss" in e), None),
                   "train_wall_s": round(t1, 1)})
         if mean_tok:
             d["proj_54k_x3_8gpu_h"] = round(HOURS_SAMPLES * EPOCHS * mean_tok / (tps * PROJ_GPUS) / 3600, 2)
