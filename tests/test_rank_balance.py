@@ -159,3 +159,46 @@ def test_merged_rows_restart_positions_and_empty_packs_carry_no_labels():
     assert merge_rows([], pad_id=0) == {"input_ids": [0], "attention_mask": [1], "labels": [-100], "position_ids": [0]}
     with pytest.raises(RuntimeError, match="text data"):
         merge_rows([{**rows[0], "images": ["a.png"]}], pad_id=0)
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_split_halves_go_to_a_rank_pair_in_its_last_micro_step(world):
+    """speed.split_long_samples: every sample of a step is trained once, whole or as both halves; the halves sit
+    first in the last micro-step of ranks 2p and 2p+1; idle micro-steps stay all-or-none and never last."""
+    lengths = lognormal_lengths(800, seed=3)
+    base = list(range(len(lengths)))
+    random.Random(4).shuffle(base)
+    accum = 2
+    chunk = world * accum
+    packs = list(rb.packed_order(base, lengths, world, accum, max(lengths), "rounds", 20000, split=True))
+    split_steps = 0
+    for start in range(0, len(base) - len(base) % chunk, chunk):
+        step = packs[start:start + chunk]
+        whole = [e for pack in step if pack != rb.IDLE_PACK for e in pack if not isinstance(e, rb.Half)]
+        halves = [(pos, e) for pos, pack in enumerate(step) if pack != rb.IDLE_PACK
+                  for e in pack if isinstance(e, rb.Half)]
+        assert sorted(whole + [e.index for _, e in halves if e.half == 0]) == sorted(base[start:start + chunk])
+        for pos, entry in halves:
+            micro, rank = divmod(pos, world)
+            assert micro == accum - 1 and rank % 2 == entry.half and step[pos][0] == entry
+            partner = step[micro * world + (rank ^ 1)]
+            assert partner[0] == rb.Half(entry.index, 1 - entry.half)
+        split_steps += bool(halves)
+        idle = [step[m * world] == rb.IDLE_PACK for m in range(accum)]
+        assert all((step[m * world + r] == rb.IDLE_PACK) == idle[m] for m in range(accum) for r in range(world))
+        assert not idle[-1]
+    assert split_steps > 0
+
+
+def test_splitting_lowers_the_slowest_rank_and_only_where_a_sample_exceeds_a_share():
+    lengths = lognormal_lengths(3200, seed=5)
+    base = list(range(len(lengths)))
+    for world in (4, 8):
+        kept = rb.pack_summary(base, list(rb.packed_order(base, lengths, world, 2, max(lengths), "rounds", 20000)),
+                               lengths, world, 2, 20000)
+        split = rb.pack_summary(base, list(rb.packed_order(base, lengths, world, 2, max(lengths), "rounds", 20000,
+                                                           split=True)), lengths, world, 2, 20000)
+        assert kept["split_samples_per_step"] == 0 and split["split_samples_per_step"] > 0.5, split
+        assert split["slowest_over_mean_after"] < kept["slowest_over_mean_after"] - 0.15, (world, kept, split)
+    even = [1000] * 8  # no sample costs more than a rank's share: nothing is split
+    assert not any(isinstance(e, rb.Half) for p in rb.pack_chunk(range(8), even, 4, 2, 1000, split=True) for e in p)
