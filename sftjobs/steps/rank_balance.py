@@ -47,14 +47,14 @@ from sftjobs.steps.split_attention import half_length
 
 LAYOUTS = ("rounds", "ranks")
 SPLIT_MIN_TOKENS = 16  # shorter samples are never split (each of the four chunks keeps a few tokens)
+# A micro-step with nothing to compute on any rank (not a dataset index: PackedRows turns it into a row)
+IDLE_PACK: tuple = (None,)
 
 
 class Half(NamedTuple):
     """A pack entry: one half of sample ``index``, split over a rank pair (split_attention.half_chunks)."""
     index: int
     half: int
-# A micro-step with nothing to compute on any rank (not a dataset index: PackedRows turns it into a row)
-IDLE_PACK: tuple = (None,)
 
 
 def layout_for_zero_stage(stage: int | None) -> str:
