@@ -92,3 +92,11 @@ def test_split_attention_over_two_gpus_equals_the_whole_sample(tmp_path, length)
         assert result["grad_size"] > 1e-3
         for name in ("out", "dq", "dk", "dv"):
             assert result[name] < 0.02, (rank, name, result)  # bf16 against bf16, summed in other orders
+
+
+def test_splitting_needs_rank_pairs_and_no_zero3():
+    from sftjobs.steps.lf_train import split_off_reason
+
+    assert split_off_reason(4, 2) is None and split_off_reason(8, 1) is None and split_off_reason(2, None) is None
+    assert "3 ranks do not form pairs" in split_off_reason(3, 2)
+    assert "ZeRO stage 3" in split_off_reason(4, 3)

@@ -140,6 +140,16 @@ def attention_span(model) -> float | None:
     return params / (hidden * layers) / 2
 
 
+def split_off_reason(world: int, stage: int | None) -> str | None:
+    """Why speed.split_long_samples cannot run here, or None. ZeRO-3 gathers parameters in the forward too;
+    the pair's collectives have not been tried between those (DeepSpeed ZeRO-3 does not start on the CPU)."""
+    if world % 2:
+        return f"{world} ranks do not form pairs"
+    if stage is not None and stage >= 3:
+        return "not tried under ZeRO stage 3"
+    return None
+
+
 def install_balanced_sampler(pack: bool = False, split: bool = False) -> None:
     """speed.balance_ranks; with ``pack`` (speed.pack_rank_samples) the sampler yields packs of indices, which
     install_packed_rows turns into rows; with ``split`` (speed.split_long_samples) packs may hold halves of a
@@ -172,9 +182,10 @@ def install_balanced_sampler(pack: bool = False, split: bool = False) -> None:
         capacity = max(lengths, default=1)  # a pack needs no more memory than the longest sample alone
         span = attention_span(self.model)
         log(f"pack rank samples: packs of <= {capacity} tokens, attention span {span and round(span)}")
-        pairs = split and world % 2 == 0
-        if split and not pairs:
-            log(f"split long samples: off, {world} ranks do not form pairs")
+        off = split_off_reason(world, stage) if split else None
+        pairs = split and off is None
+        if off:
+            log(f"split long samples: off ({off})")
         if pairs:
             split_attention.make_pair_groups(world)
             log(f"split long samples: {world // 2} rank pair(s)")
