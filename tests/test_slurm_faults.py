@@ -24,10 +24,14 @@ def controller_up() -> bool:
 
 
 def test_controller_restart_under_a_chain(slurm, in_tmp, capsys, monkeypatch):
-    monkeypatch.setenv("FAKE_SLEEP", "8")
+    monkeypatch.setenv("FAKE_SLEEP", "15")
     manifest = submit(capsys, "toy")
     jobs = manifest["jobs"]
-    wait_until(lambda: scontrol_job(jobs["data"])["JobState"] == "RUNNING", 60, 0.5, "data running")
+    # data and model have no dependency and start together; a step's srun asks the controller to confirm its
+    # allocation as it starts, so the controller goes down only once both are well under way
+    wait_until(lambda: all(scontrol_job(jobs[s])["JobState"] == "RUNNING" for s in ("data", "model")), 60, 0.5,
+               "data and model running")
+    time.sleep(4)
     pid = int(CTLD_PID.read_text())
     os.kill(pid, 15)
     wait_until(lambda: not Path(f"/proc/{pid}").exists(), 30, 0.2, "slurmctld to stop")
