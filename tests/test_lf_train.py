@@ -72,6 +72,13 @@ def logged(root, name, key):
     return [r[key] for r in map(json.loads, lines) if key in r]
 
 
+def logged_pack_summary(err):
+    """The packer's summary line (rank_balance.pack_summary) from a run's stderr."""
+    found = re.search(r"\[sftjobs train\] pack rank samples: (\{.*?\})", err)
+    assert found, err[-3000:]
+    return json.loads(found.group(1))
+
+
 def close(a, b, tol=1e-4):
     return len(a) == len(b) and all(abs(x - y) <= tol * max(1.0, abs(y)) for x, y in zip(a, b, strict=True))
 
@@ -101,9 +108,7 @@ def test_packed_rank_samples_train_the_same_steps_on_two_ranks(lf_setup):
     assert close(packed, plain), (packed, plain)
     norms = [logged(lf_setup, n, "grad_norm") for n in ("plain_g", "packed_g")]
     assert close(norms[1], norms[0]), norms
-    found = re.search(r"\[sftjobs train\] pack rank samples: (\{.*?\})", err)
-    assert found, err[-3000:]
-    summary = json.loads(found.group(1))
+    summary = logged_pack_summary(err)
     assert summary["empty_packs_per_step"] > 0, summary   # samples really shared rows
     assert summary["idle_micro_steps_per_step"] > 0, summary   # micro-steps with nothing on either rank
     assert summary["slowest_over_mean_after"] < summary["slowest_over_mean_before"], summary
@@ -135,12 +140,6 @@ def test_skipped_idle_micro_steps_train_the_same_steps_under_deepspeed_zero2(lf_
     assert close(norms[1], norms[0]), norms
 
 
-def split_summary(err):
-    found = re.search(r"\[sftjobs train\] pack rank samples: (\{.*?\})", err)
-    assert found, err[-3000:]
-    return json.loads(found.group(1))
-
-
 def test_long_samples_split_over_a_rank_pair_train_the_same_steps(lf_setup):
     """A step's longest sample split over the two ranks (half each, attention across the pair): the losses and
     gradient norms of the plain order, without DeepSpeed and under real DeepSpeed ZeRO-2 (gloo on the CPU).
@@ -152,7 +151,7 @@ def test_long_samples_split_over_a_rank_pair_train_the_same_steps(lf_setup):
                        "gradient_accumulation_steps=1", ranks=2, port=29650)
     assert "split long samples: 1 rank pair(s)" in err
     assert re.search(r"split long samples: a \d+-token sample ran split over ranks 0 and 1", err), err[-3000:]
-    summary = split_summary(err)
+    summary = logged_pack_summary(err)
     assert summary["split_samples_per_step"] > 0, summary
     assert len(plain) == 6 and close(split, plain), (split, plain)
     norms = [logged(lf_setup, n, "grad_norm") for n in ("plain_s", "split")]

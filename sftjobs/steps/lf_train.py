@@ -38,7 +38,7 @@ from typing import Any
 from sftjobs.steps import rank_balance, split_attention
 
 LENGTH_SLICE = 4096  # rows per Arrow slice when reading token counts
-IGNORE_INDEX = -100  # LLaMA-Factory's and transformers' label for "no loss here"
+IGNORE_INDEX = split_attention.IGNORE_INDEX  # LLaMA-Factory's and transformers' label for "no loss here"
 IDLE_KEY = "sftjobs_idle"  # a PackedRows row standing for an idle micro-step (install_idle_skip)
 SPLIT_KEY = "sftjobs_split"  # a PackedRows row that starts with half of a split sample (install_split_halves)
 

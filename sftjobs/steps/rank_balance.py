@@ -165,10 +165,9 @@ def pack_chunk(indices: Sequence[int], lengths: Sequence[int], world: int, accum
         else:
             return [(i,) for i in balance_chunk(indices, lengths, world, 1, accum, layout)]
     for rank in range(world):
-        if packs[rank][accum - 1][:1] and isinstance(packs[rank][accum - 1][0], Half):  # the pair's micro-step
-            packs[rank][:accum - 1] = sorted(packs[rank][:accum - 1], key=lambda p: sum(lengths[i] for i in p))
-        else:
-            packs[rank].sort(key=lambda p: sum(entry_tokens(e, lengths) for e in p))
+        last = packs[rank][accum - 1]
+        movable = accum - 1 if last and isinstance(last[0], Half) else accum  # a pair's micro-step stays last
+        packs[rank][:movable] = sorted(packs[rank][:movable], key=lambda p: sum(entry_tokens(e, lengths) for e in p))
     idle = [all(not packs[rank][micro] for rank in range(world)) for micro in range(accum)]
     order: list[tuple] = [()] * (world * accum)
     for rank in range(world):

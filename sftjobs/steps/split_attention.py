@@ -19,10 +19,11 @@ begins, so lf_train builds the half's row with each position's target already in
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # LLaMA-Factory's and transformers' label for "no loss here"
 # the micro-step's split half on this rank (set by lf_train around one training step), else None
 CURRENT: SplitHalf | None = None
 GROUPS: dict[int, Any] = {}  # pair index p -> the process group of ranks 2p and 2p+1
@@ -82,6 +83,7 @@ def make_pair_groups(world: int) -> dict[int, Any]:
     return GROUPS
 
 
+@functools.lru_cache(maxsize=1)
 def _gather_class():
     import torch
     import torch.distributed as dist
@@ -105,13 +107,8 @@ def _gather_class():
     return PairGather
 
 
-_PAIR_GATHER: list[Any] = []
-
-
 def pair_gather(tensor, group, slot):
-    if not _PAIR_GATHER:
-        _PAIR_GATHER.append(_gather_class())
-    return _PAIR_GATHER[0].apply(tensor, group, slot)
+    return _gather_class().apply(tensor, group, slot)
 
 
 def split_attention(query, key, value, split: SplitHalf, scaling=None):
