@@ -27,6 +27,7 @@
 #   fast     `sftjobs render fast` as configs/fast.yaml stands: neat_packing + Liger, speed.per_sample_attention
 #            (SDPA per sample, runs of short samples in one varlen call), deepspeed auto (recompute only where needed)
 #   fastloop fast with every packed sample through SDPA, no varlen calls (session 3's fast)
+#   fastcudnn fast with single packed samples through cuDNN's attention, padded to a multiple of CUDNN_BUCKET (256)
 #   fastmask fast with LLaMA-Factory's SDPA 4D block-diagonal mask (no per-sample attention), ZeRO-2 + recompute
 #   fastseg  fast on ZeRO-2 with recompute (sessions 1-3's fast)
 #   fastnr   fastseg without gradient checkpointing (session 3 call 1)
@@ -36,13 +37,15 @@
 #   X:NAME   an experiment: S + the --set lines of bench/experiments/NAME.sets
 #   PX:NAME  an experiment: P with bench/experiments/NAME.ds.json merged into its DeepSpeed config
 #   FX:NAME  the same for fast
-#   ITEM#N   (P, Pb, Ppad, Ploop, Pnoskip, Pskip, Psplit, PX, fast, fastloop, FX) the item again, as out_<name>_rN: run-to-run noise in one call
+#   ITEM#N   (P, Pb, Ppad, Ploop, Pnoskip, Pskip, Psplit, PX, fast, fastloop, fastcudnn, FX) the item again, as out_<name>_rN: run-to-run noise in one call
 #   chain    `sftjobs submit prod --dry-run-first --executor local` as configs/prod.yaml stands: data -> model ->
 #            preflight -> dry run (DRY_SAMPLES samples) -> validate_dry_run, then the full run is cancelled
 # Each training item is `torchrun bench/lf_bench.py <the rendered train.yaml>` (= FORCE_TORCHRUN=1
 # llamafactory-cli train) with max_steps set; the first WARM steps are warm-up, the rest are measured.
 #
-# Env: SHAPE (qwen2.5-3b) NDATA (2000) BUDGET_S (560) TAG (gpu) DRY_SAMPLES (1000) WARM (3)
+# Env: P_ENV / FAST_ENV (extra environment for the P / fast items); PROFILE_ITEM (an item's out name, e.g. fast_r3:
+#      torch.profiler over its step PROFILE_STEP (6) on rank 0, written to out_NAME/profile_rank0.txt)
+#      SHAPE (qwen2.5-3b) NDATA (2000) BUDGET_S (560) TAG (gpu) DRY_SAMPLES (1000) WARM (3)
 #      STEPS_A (9) STEPS_S (16) STEPS_FAST (10) LIMIT_A (170) LIMIT_S (110) LIMIT_FAST (120) LIMIT_CHAIN (330)
 set -u
 T0=$(date +%s)
@@ -115,6 +118,7 @@ lfrun() {
   if [ "$(left)" -lt "$need" ]; then el "skip $name: $(left)s left"; echo "$name skipped (time)" >> "$W/skipped.txt"; return; fi
   [ "$limit" -gt "$(left)" ] && limit=$(left)
   local od="$W/out_$name" rd="$W/render_$name"; rm -rf "$od" "$rd"; mkdir -p "$od"
+  [ "$name" = "${PROFILE_ITEM:-}" ] && envs="$envs BENCH_PROFILE_STEP=${PROFILE_STEP:-6}"  # torch.profiler, rank 0
   python3 -m sftjobs render "$profile" --out "$rd" "${COMMON[@]}" --set "output_dir=$od/ckpt" \
     --set "train.max_steps=$steps" --set "train.tokenized_path=$W/$tok" "$@" > "$od/render.log" 2>&1 \
     || { el "$name: render FAILED"; cat "$od/render.log"; return; }
@@ -200,10 +204,11 @@ for item in $ITEMS; do
        lfrun A prod "$LIMIT_A" "$STEPS_A" tok_nopack "" "${PLAN[@]}" ;;
     S) lfrun S prod "$LIMIT_S" "$STEPS_S" tok_nopack "$PROPOSAL_ENV ${S_ENV:-}" "${PROP[@]}"
        ;;
-    fast|fastloop|FX:*) name=$item$rep; patch=; mode=
+    fast|fastloop|fastcudnn|FX:*) name=$item$rep; patch=; mode=
           case $item in fastloop) mode=BENCH_ATTN_LOOP=1 ;;
+                        fastcudnn) mode=BENCH_CUDNN_ATTN=${CUDNN_BUCKET:-256} ;;
                         FX:*) name=fast_${item#FX:}$rep; patch=bench/experiments/${item#FX:}.ds.json ;; esac
-          DSPATCH=$patch lfrun "$name" fast "$LIMIT_FAST" "$STEPS_FAST" tok_neat "$PROPOSAL_ENV BENCH_SEGMENT_ATTN=1 $mode" \
+          DSPATCH=$patch lfrun "$name" fast "$LIMIT_FAST" "$STEPS_FAST" tok_neat "$PROPOSAL_ENV BENCH_SEGMENT_ATTN=1 $mode ${FAST_ENV:-}" \
             --set "resources.gpu_memory_gib=$GPU_GIB"
           grep -h "memory plan" "$W/out_$name/render.log" ;;
     fastmask) lfrun fastmask fast "$LIMIT_FAST" "$STEPS_FAST" tok_neat "$PROPOSAL_ENV" --set deepspeed=z2 \

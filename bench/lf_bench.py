@@ -21,6 +21,8 @@ Environment:
                        no forward or backward)
   BENCH_SPLIT=1        with BENCH_PACK: sftjobs' speed.split_long_samples (a step's longest sample split over a
                        GPU pair where it costs more than a GPU's share)
+  BENCH_CUDNN_ATTN=N   per-sample attention's single samples through cuDNN's attention, padded to a multiple of N
+                       (per_sample_attention.CUDNN_BUCKET)
   BENCH_ATTN_LOOP=1    per-sample attention as causal SDPA once per sample, no varlen calls even for runs of
                        short samples (sessions 1-3's kernel)
 
@@ -143,6 +145,11 @@ if __name__ == "__main__":
     if os.environ.get("BENCH_NO_CUDNN_SDPA") == "1":  # fallback where TORCH_CUDNN_SDPA_DEPRIORITIZED is unknown
         torch.backends.cuda.enable_cudnn_sdp(False)
         print("[bench] cuDNN SDPA disabled in-process", flush=True)
+    if os.environ.get("BENCH_CUDNN_ATTN"):
+        from sftjobs.steps import per_sample_attention
+
+        per_sample_attention.CUDNN_BUCKET = int(os.environ["BENCH_CUDNN_ATTN"])
+        print(f"[bench] per-sample attention: cuDNN, lengths padded to {per_sample_attention.CUDNN_BUCKET}", flush=True)
     if os.environ.get("BENCH_ATTN_LOOP") == "1":
         from sftjobs.steps import per_sample_attention
 

@@ -94,10 +94,61 @@ def attn_kernels(out: str) -> None:
                 o.sum().backward()
             row[label] = round(1000 * timed(call, n=10, warm=3), 3)
         psa.USE_VARLEN, psa.SHORT_SAMPLE = True, short
+        for bucket in (256, 128):  # sftjobs with single samples through cuDNN, padded to a multiple of bucket
+            def call_cudnn(bucket=bucket, q=q, k=k, v=v, pos=pos):
+                psa.CUDNN_BUCKET = bucket
+                o, _ = psa.per_sample_sdpa(None, q, k, v, None, scaling=D ** -0.5, position_ids=pos)
+                o.sum().backward()
+            try:
+                row[f"sftjobs_cudnn{bucket}"] = round(1000 * timed(call_cudnn, n=10, warm=3), 3)
+            except RuntimeError as e:
+                row[f"sftjobs_cudnn{bucket}"] = f"error: {str(e)[:200]}"
+            psa.CUDNN_BUCKET = 0
         res["ms_fwd_bwd_one_layer"][name] = row
         print(name, row, flush=True)
+    res["cudnn"] = cudnn_costs(H, Hkv, D)
+    print("cudnn", res["cudnn"], flush=True)
     with open(out, "w") as f:
         json.dump(res, f, indent=1)
+
+
+def cudnn_costs(H: int, Hkv: int, D: int) -> dict:
+    """Which op a cuDNN-first causal GQA call runs, and what a new length costs it: first fwd+bwd at fresh
+    lengths (graph builds) against the same lengths again (cached), and the kernel against flash at 3750/14980."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def fwd_bwd(L, backends):
+        q = torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(1, Hkv, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(1, Hkv, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        with sdpa_kernel(backends, set_priority=True):
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+        return q, k, v
+
+    cudnn = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
+    res: dict = {}
+    with torch.profiler.profile() as prof:
+        fwd_bwd(1000, cudnn)
+    res["op"] = " ".join(sorted({e.name for e in prof.events() if e.name.startswith("aten::_scaled_dot_product")}))
+    lengths = [3001 + 7 * i for i in range(8)]
+    torch.cuda.synchronize()
+    for label in ("first_ms_per_length", "cached_ms_per_length"):
+        t = time.perf_counter()
+        for L in lengths:
+            fwd_bwd(L, cudnn)
+        torch.cuda.synchronize()
+        res[label] = round(1000 * (time.perf_counter() - t) / len(lengths), 2)
+    for L in (3750, 14980):
+        for name, backends in (("cudnn", cudnn), ("flash", [SDPBackend.FLASH_ATTENTION])):
+            q = torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            k = torch.randn(1, Hkv, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            v = torch.randn(1, Hkv, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+            def call(q=q, k=k, v=v, backends=backends):
+                with sdpa_kernel(backends, set_priority=True):
+                    F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+            res[f"{name}_{L}_ms"] = round(1000 * timed(call, n=10, warm=3), 3)
+    return res
 
 
 def main() -> None:

@@ -50,6 +50,8 @@ DESCRIPTIONS = {
             "tokens), Liger, per-sample attention, deepspeed auto (recompute only where memory needs it), 1 pack per "
             "GPU per step",
     "fastloop": "fast with every packed sample through causal SDPA, no varlen calls (session 3's fast)",
+    "fastcudnn": "fast with each packed sample that gets its own SDPA call run through cuDNN's attention, padded at "
+                 "its end to a multiple of 256 tokens (one cuDNN graph per padded length; per_sample_attention.CUDNN_BUCKET)",
     "fastmask": "fast on ZeRO-2 with recompute and LLaMA-Factory's SDPA 4D block-diagonal mask (no flash-attn here)",
     "fastseg": "fast on ZeRO-2 with recompute (sessions 1-3): per-sample causal SDPA (flash kernel) instead of the 4D "
                "mask, what a varlen attention kernel gives",
@@ -287,7 +289,7 @@ def main() -> None:
         pass
     ngpu = len(gpus) or 1
     names = [os.path.basename(p)[4:] for p in sorted(glob.glob(os.path.join(workdir, "out_*")))]
-    known = ("A", "P", "Pnoskip", "Pskip", "Psplit", "Ploop", "Pb", "Ppad", "S", "SB", "S1B", "fast", "fastloop", "fastmask", "fastseg", "fastnr")
+    known = ("A", "P", "Pnoskip", "Pskip", "Psplit", "Ploop", "Pb", "Ppad", "S", "SB", "S1B", "fast", "fastloop", "fastcudnn", "fastmask", "fastseg", "fastnr")
     order = [n for n in known if n in names] + [n for n in names if n not in known]
     configs = {n: harness_item(workdir, n, warm, n_params, peak, mean_tok) for n in order}
     chain = chain_item(workdir, n_params, peak, mean_tok, ngpu)

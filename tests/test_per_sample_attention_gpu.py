@@ -61,6 +61,25 @@ def test_varlen_runs_match_the_per_sample_loop(lengths):
         assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.9999, name
 
 
+@pytest.mark.parametrize("lengths", [SEGMENTATIONS[0], SEGMENTATIONS[1], [[512, 2560]]],
+                         ids=["mixed_pack", "two_rows", "bucket_multiples"])
+def test_cudnn_padded_samples_match_the_per_sample_loop(lengths):
+    """CUDNN_BUCKET: single samples padded to a multiple of 256 through cuDNN give the flash loop's outputs and
+    gradients, and cuDNN's kernel is what ran."""
+    loop = run(lengths, varlen=False)
+    psa.CUDNN_BUCKET, psa.CUDNN_MAX_LEN = 256, 6144
+    try:
+        with torch.profiler.profile() as prof:
+            cudnn = run(lengths, varlen=False)
+    finally:
+        psa.CUDNN_BUCKET, psa.CUDNN_MAX_LEN = 0, 16384
+    assert any("cudnn" in e.name for e in prof.events()), sorted({e.name for e in prof.events()})[:40]
+    for name, a, b in zip(("out", "dq", "dk", "dv"), cudnn, loop, strict=True):
+        scale = b.abs().max().item()
+        assert (a - b).abs().max().item() <= 2e-2 * scale, (name, (a - b).abs().max().item(), scale)
+        assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.9999, name
+
+
 def test_varlen_keeps_samples_apart():
     """Changing the second sample's keys must not move the first sample's output (no attention across)."""
     q = torch.randn(1, SHAPE["heads"], 1500, SHAPE["dim"], device="cuda", dtype=torch.bfloat16)

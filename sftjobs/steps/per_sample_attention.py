@@ -27,6 +27,8 @@ from sftjobs.steps import split_attention
 NAME = "sftjobs_per_sample_sdpa"
 USE_VARLEN = True  # the benchmark harness turns it off to time the per-sample SDPA loop (BENCH_ATTN_LOOP=1)
 SHORT_SAMPLE = 2048  # runs of consecutive samples shorter than this go through one varlen call (row_pieces)
+CUDNN_BUCKET = 0  # > 0: single samples through cuDNN's attention, padded to a multiple of this (causal_sdpa)
+CUDNN_MAX_LEN = 16384  # the longest sample warm_cudnn builds cuDNN graphs for (cutoff_len)
 SPLIT = "split"  # row_pieces' mark for the half of a sample split over a GPU pair (split_attention)
 
 
@@ -91,14 +93,55 @@ def per_sample_sdpa(module, query, key, value, attention_mask, scaling=None, dro
             if cu_seq is SPLIT:
                 outs.append(split_attention.split_attention(q, k, v, split, scaling))
             elif cu_seq is None:
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
-                outs.append(out.transpose(1, 2))
+                outs.append(causal_sdpa(q, k, v, scaling).transpose(1, 2))
             else:
                 q, k, v = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))  # [len, h, D]
                 outs.append(varlen(q, k, v, cu_seq, cu_seq, longest, longest, scale=scaling)[None])
         rows.append(torch.cat(outs, dim=1) if len(outs) > 1 else outs[0])
     out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
     return out.contiguous(), None
+
+
+def causal_sdpa(q, k, v, scale):
+    """One sample's causal attention, [1, H, L, D] -> [1, H, L, D]: SDPA's kernel as torch picks it or, with
+    CUDNN_BUCKET on CUDA, cuDNN's attention on the sample padded at its end to a multiple of CUDNN_BUCKET.
+
+    cuDNN builds an execution graph per shape (bench/README.md: per new length, ~100 ms of CPU); padding bounds
+    the shapes to cutoff_len / CUDNN_BUCKET. The padding is exact: under the causal mask a real query sees only
+    keys at or before it, and the padded queries' outputs are cut off, so no gradient comes back through them."""
+    import torch.nn.functional as F
+
+    if not (CUDNN_BUCKET and q.is_cuda):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    warm_cudnn(q, k, scale)
+    length = q.shape[2]
+    # every call gets fresh contiguous tensors of a padded length, so the graphs warm_cudnn built are the ones used
+    q, k, v = (F.pad(t, (0, 0, 0, -length % CUDNN_BUCKET)).contiguous() for t in (q, k, v))
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION], set_priority=True):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    return out[:, :, :length]
+
+
+def warm_cudnn(q, k, scale) -> None:
+    """Once per head shape: a forward and backward at every padded length up to CUDNN_MAX_LEN, so cuDNN builds its
+    graphs at the start of the run and not one per new length during training."""
+    import torch
+
+    key = (q.shape[1], k.shape[1], q.shape[3], q.dtype, str(q.device), scale, CUDNN_BUCKET, CUDNN_MAX_LEN)
+    if key in _WARMED:
+        return
+    _WARMED.add(key)
+    for padded in range(CUDNN_BUCKET, CUDNN_MAX_LEN + CUDNN_BUCKET, CUDNN_BUCKET):
+        q1 = torch.randn(1, q.shape[1], padded - 1, q.shape[3], device=q.device, dtype=q.dtype, requires_grad=True)
+        k1 = torch.randn(1, k.shape[1], padded - 1, q.shape[3], device=q.device, dtype=q.dtype, requires_grad=True)
+        v1 = torch.randn_like(k1, requires_grad=True)
+        out = causal_sdpa(q1, k1, v1, scale).transpose(1, 2)
+        out.backward(torch.randn_like(out))
+
+
+_WARMED: set = set()
 
 
 def row_pieces(bounds: list[list[int]], device, varlen: bool, split_end: int = 0
