@@ -69,7 +69,9 @@ def sdpa_op() -> str:
 def attn_kernels(out: str) -> None:
     """sftjobs' per-sample attention (the function the trainer calls) on packs of the 3B attention shape, fwd+bwd of
     one layer: as sftjobs runs it, with every run through torch's flash varlen kernel, and causal SDPA once per
-    sample (USE_VARLEN off)."""
+    sample (USE_VARLEN off); SDPA as torch picks it here (cuDNN first on an H100 unless
+    TORCH_CUDNN_SDPA_DEPRIORITIZED=1), as training runs it (flash: sftjobs_flash), and cuDNN with lengths padded
+    to a bucket (sftjobs_cudnnN: per_sample_attention.CUDNN_BUCKET)."""
     from sftjobs.steps import per_sample_attention as psa
 
     H, Hkv, D = 16, 2, 128
@@ -94,6 +96,13 @@ def attn_kernels(out: str) -> None:
                 o.sum().backward()
             row[label] = round(1000 * timed(call, n=10, warm=3), 3)
         psa.USE_VARLEN, psa.SHORT_SAMPLE = True, short
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def call_flash(q=q, k=k, v=v, pos=pos):  # what training runs with SDPA off cuDNN (launcher.setup)
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+                o, _ = psa.per_sample_sdpa(None, q, k, v, None, scaling=D ** -0.5, position_ids=pos)
+            o.sum().backward()
+        row["sftjobs_flash"] = round(1000 * timed(call_flash, n=10, warm=3), 3)
         for bucket in (256, 128):  # sftjobs with single samples through cuDNN, padded to a multiple of bucket
             def call_cudnn(bucket=bucket, q=q, k=k, v=v, pos=pos):
                 psa.CUDNN_BUCKET = bucket

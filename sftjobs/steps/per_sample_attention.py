@@ -117,11 +117,40 @@ def causal_sdpa(q, k, v, scale):
 
     warm_cudnn(q, k, scale)
     length = q.shape[2]
-    # every call gets fresh contiguous tensors of a padded length, so the graphs warm_cudnn built are the ones used
-    q, k, v = (F.pad(t, (0, 0, 0, -length % CUDNN_BUCKET)).contiguous() for t in (q, k, v))
+    padded = length + (-length % CUDNN_BUCKET)
+    # fresh tensors of the padded length in the layout the model's q/k/v views have ([1, L, H, D] in memory), so
+    # every call of a padded length presents the layouts warm_cudnn's call did
+    q, k, v = (F.pad(t.transpose(1, 2), (0, 0, 0, 0, 0, padded - length)).contiguous().transpose(1, 2)
+               for t in (q, k, v))
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION], set_priority=True):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-    return out[:, :, :length]
+    return grad_like_output()(out)[:, :, :length]
+
+
+@functools.lru_cache(maxsize=1)
+def grad_like_output():
+    """An identity whose backward hands on the gradient in its forward output's memory layout.
+
+    torch keys its cached cuDNN attention graphs by q/k/v shapes and strides, not by the output gradient's
+    layout, and that layout depends on what comes after the output (a slice that cuts padding or one that does
+    not). A graph built for one layout and reused with another gave wrong gradients on an H100 (torch 2.11):
+    one layout for every call keeps the graph and the data in agreement."""
+    import torch
+
+    class GradLikeOutput(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, out):
+            ctx.layout = (out.shape, out.stride())
+            return out.view_as(out)
+
+        @staticmethod
+        def backward(ctx, grad):
+            shape, stride = ctx.layout
+            if grad.stride() == stride:
+                return grad
+            return torch.empty_strided(shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
+
+    return GradLikeOutput.apply
 
 
 def warm_cudnn(q, k, scale) -> None:
