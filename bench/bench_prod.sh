@@ -20,6 +20,7 @@
 #   Pskip    Pnoskip with speed.skip_idle_micro_steps (micro-steps empty on every GPU run no forward or backward)
 #   Psplit   Pskip with speed.split_long_samples (a step's longest sample split over a GPU pair, attention across
 #            it): the same as P since session 5
+#   Pcudnn   P with single packed samples through cuDNN's attention, padded to a multiple of CUDNN_BUCKET (256)
 #   Ploop    P with every packed sample through SDPA, no varlen calls (session 3's P)
 #   Pb       P with balanced ranks but without packing each GPU's samples (session 2's P)
 #   Ppad     Pb without sftjobs' unpadded one-row batches (LLaMA-Factory pads to a multiple of 8 -> L x L mask)
@@ -37,7 +38,7 @@
 #   X:NAME   an experiment: S + the --set lines of bench/experiments/NAME.sets
 #   PX:NAME  an experiment: P with bench/experiments/NAME.ds.json merged into its DeepSpeed config
 #   FX:NAME  the same for fast
-#   ITEM#N   (P, Pb, Ppad, Ploop, Pnoskip, Pskip, Psplit, PX, fast, fastloop, fastcudnn, FX) the item again, as out_<name>_rN: run-to-run noise in one call
+#   ITEM#N   (P, Pb, Ppad, Ploop, Pnoskip, Pskip, Psplit, Pcudnn, PX, fast, fastloop, fastcudnn, FX) the item again, as out_<name>_rN: run-to-run noise in one call
 #   chain    `sftjobs submit prod --dry-run-first --executor local` as configs/prod.yaml stands: data -> model ->
 #            preflight -> dry run (DRY_SAMPLES samples) -> validate_dry_run, then the full run is cancelled
 # Each training item is `torchrun bench/lf_bench.py <the rendered train.yaml>` (= FORCE_TORCHRUN=1
@@ -213,8 +214,9 @@ for item in $ITEMS; do
           grep -h "memory plan" "$W/out_$name/render.log" ;;
     fastmask) lfrun fastmask fast "$LIMIT_FAST" "$STEPS_FAST" tok_neat "$PROPOSAL_ENV" --set deepspeed=z2 \
                 --set train.disable_gradient_checkpointing=false ;;
-    P|Pb|Ppad|Ploop|Pskip|Psplit|Pnoskip|PX:*) name=$item$rep; patch=
+    P|Pb|Ppad|Ploop|Pskip|Psplit|Pnoskip|Pcudnn|PX:*) name=$item$rep; patch=
        case $item in P|Psplit) mode="BENCH_PACK=1 BENCH_UNPAD=1 BENCH_SKIP_IDLE=1 BENCH_SPLIT=1" ;;
+                     Pcudnn) mode="BENCH_PACK=1 BENCH_UNPAD=1 BENCH_SKIP_IDLE=1 BENCH_SPLIT=1 BENCH_CUDNN_ATTN=${CUDNN_BUCKET:-256}" ;;
                      Pb) mode="BENCH_BALANCE=1 BENCH_UNPAD=1" ;;
                      Ploop) mode="BENCH_PACK=1 BENCH_UNPAD=1 BENCH_SKIP_IDLE=1 BENCH_SPLIT=1 BENCH_ATTN_LOOP=1" ;;
                      Pskip) mode="BENCH_PACK=1 BENCH_UNPAD=1 BENCH_SKIP_IDLE=1" ;;

@@ -39,6 +39,8 @@ DESCRIPTIONS = {
              "step at 2 samples per GPU) runs no forward or backward instead of a one-token row",
     "Psplit": "Pskip with speed.split_long_samples: where a step's longest sample costs more than a GPU's share, it "
               "is split over a GPU pair (half each, keys and values gathered over the pair in every attention layer)",
+    "Pcudnn": "P with each packed sample that gets its own SDPA call run through cuDNN's attention, padded at its "
+              "end to a multiple of 256 tokens (speed.cudnn_attention_bucket)",
     "Ploop": "P with every sample through causal SDPA (no varlen calls; session 3's kernel)",
     "Pb": "P with balanced ranks but one sample per micro-step (no packing of a GPU's samples): session 2's P",
     "Ppad": "Pb with LLaMA-Factory's padding of every batch to a multiple of 8 (what P had before sftjobs' training "
@@ -289,7 +291,7 @@ def main() -> None:
         pass
     ngpu = len(gpus) or 1
     names = [os.path.basename(p)[4:] for p in sorted(glob.glob(os.path.join(workdir, "out_*")))]
-    known = ("A", "P", "Pnoskip", "Pskip", "Psplit", "Ploop", "Pb", "Ppad", "S", "SB", "S1B", "fast", "fastloop", "fastcudnn", "fastmask", "fastseg", "fastnr")
+    known = ("A", "P", "Pnoskip", "Pskip", "Psplit", "Pcudnn", "Ploop", "Pb", "Ppad", "S", "SB", "S1B", "fast", "fastloop", "fastcudnn", "fastmask", "fastseg", "fastnr")
     order = [n for n in known if n in names] + [n for n in names if n not in known]
     configs = {n: harness_item(workdir, n, warm, n_params, peak, mean_tok) for n in order}
     chain = chain_item(workdir, n_params, peak, mean_tok, ngpu)

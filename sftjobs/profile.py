@@ -143,6 +143,11 @@ SCHEMA: dict[str, Key] = {
     "speed.split_long_samples": Key(bool, False, help="with pack_rank_samples: a step's longest sample, where it "
                                     "costs more than a GPU's share, is split over a pair of GPUs (attention "
                                     "across the pair; the same loss and gradients)"),
+    "speed.cudnn_attention_bucket": Key(int, 0, _at_least(0), help="with per_sample_attention or pack_rank_samples "
+                                        "on a GPU: a packed sample with its own attention call runs cuDNN's kernel, "
+                                        "padded at its end to a multiple of this many tokens (cuDNN builds one graph "
+                                        "per padded length, all at the start); 0 = torch's pick (flash with prod's "
+                                        "launcher.setup)"),
     "train": Key(dict, {}, help="LLaMA-Factory keys, passed through"),
 }
 SECTIONS = {k.split(".")[0] for k in SCHEMA if "." in k}
@@ -440,6 +445,10 @@ def _validate_relations(v: dict[str, Any], where: str) -> None:
         if v["train"].get("per_device_train_batch_size") != 1:
             raise SftjobsError(f"{where}: speed.pack_rank_samples needs train.per_device_train_batch_size: 1 (one "
                                "packed row per micro-step); set it, or turn pack_rank_samples off.")
+    if v["speed"]["cudnn_attention_bucket"] and not (v["speed"]["per_sample_attention"]
+                                                      or v["speed"]["pack_rank_samples"]):
+        raise SftjobsError(f"{where}: speed.cudnn_attention_bucket sets the kernel of sftjobs' per-sample attention; "
+                           "it needs speed.per_sample_attention or speed.pack_rank_samples (or set it to 0).")
     if v["speed"]["skip_idle_micro_steps"] and not v["speed"]["pack_rank_samples"]:
         raise SftjobsError(f"{where}: speed.skip_idle_micro_steps needs speed.pack_rank_samples: true (only packed "
                            "steps have micro-steps with nothing to compute); turn one on or this off.")

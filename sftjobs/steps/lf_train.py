@@ -2,7 +2,8 @@
 runs) with sftjobs' in-process additions.
 
     python -m sftjobs.steps.lf_train [--balance-ranks | --pack-rank-samples [--skip-idle-micro-steps]
-                                     [--split-long-samples]] [--per-sample-attention] [--memory-log PREFIX]
+                                     [--split-long-samples]] [--per-sample-attention]
+                                     [--cudnn-attention-bucket N] [--memory-log PREFIX]
                                      CFG.yaml [key=value ...]
 
 The train step starts it under torchrun on each node (as ``FORCE_TORCHRUN=1 llamafactory-cli train`` would);
@@ -11,6 +12,8 @@ the YAML and key=value overrides are read by LLaMA-Factory's own parser, unchang
   --balance-ranks         each optimizer step's samples are spread over the GPUs by length (rank_balance.py);
                           the samples of every step stay the ones the trainer's random order gives
   --per-sample-attention  causal SDPA per packed sample where flash-attn is missing (per_sample_attention.py)
+  --cudnn-attention-bucket N  per-sample attention's single samples through cuDNN's kernel, padded to a multiple
+                          of N (per_sample_attention.CUDNN_BUCKET; GPU only)
   --pack-rank-samples     --balance-ranks with each GPU's samples of a step packed into its micro-batches
                           (rank_balance.pack_chunk; PackedRows), attention kept inside each sample
   --skip-idle-micro-steps with --pack-rank-samples: a micro-step with nothing to compute on any GPU (IDLE_PACK)
@@ -445,6 +448,25 @@ def make_memory_callback(prefix: str):
     return MemoryLog()
 
 
+def install_cudnn_attention(bucket: int, config: str, overrides: list[str]) -> None:
+    """speed.cudnn_attention_bucket: per-sample attention's single samples through cuDNN, padded to a multiple of
+    ``bucket``, with graphs built for every padded length up to the run's cutoff_len."""
+    import yaml
+
+    from sftjobs.steps import per_sample_attention
+
+    cutoff = (yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}).get("cutoff_len")
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key == "cutoff_len":
+            cutoff = value
+    per_sample_attention.CUDNN_BUCKET = bucket
+    if cutoff:
+        per_sample_attention.CUDNN_MAX_LEN = int(cutoff)
+    log(f"per-sample attention: cuDNN for single samples, lengths padded to a multiple of {bucket} "
+        f"(graphs for every padded length up to {per_sample_attention.CUDNN_MAX_LEN} built at the first forward)")
+
+
 # ----------------------------------------------------------------------------- entry
 
 
@@ -455,6 +477,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--pack-rank-samples", action="store_true")
     parser.add_argument("--skip-idle-micro-steps", action="store_true")
     parser.add_argument("--split-long-samples", action="store_true")
+    parser.add_argument("--cudnn-attention-bucket", type=int, default=0, metavar="N")
     parser.add_argument("--memory-log", metavar="PREFIX")
     parser.add_argument("config", help="LLaMA-Factory training YAML")
     parser.add_argument("overrides", nargs="*", help="key=value, as llamafactory-cli takes them")
@@ -477,6 +500,8 @@ def main(argv: list[str] | None = None) -> None:
         from sftjobs.steps import per_sample_attention
 
         per_sample_attention.install(log=log)
+    if opts.cudnn_attention_bucket:
+        install_cudnn_attention(opts.cudnn_attention_bucket, opts.config, opts.overrides)
     if opts.memory_log:
         callbacks.append(make_memory_callback(opts.memory_log))
     from llamafactory.train.tuner import run_exp
