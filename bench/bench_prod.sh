@@ -26,9 +26,12 @@
 #   Ppad     Pb without sftjobs' unpadded one-row batches (LLaMA-Factory pads to a multiple of 8 -> L x L mask)
 #   S        `sftjobs render prod` + bench/prod_proposal.sets (session 1's proposal: ZeRO-2, no balancing)
 #   fast     `sftjobs render fast` as configs/fast.yaml stands: neat_packing + Liger, speed.per_sample_attention
-#            (SDPA per sample, runs of short samples in one varlen call), deepspeed auto (recompute only where needed)
-#   fastloop fast with every packed sample through SDPA, no varlen calls (session 3's fast)
-#   fastcudnn fast with single packed samples through cuDNN's attention, padded to a multiple of CUDNN_BUCKET (256)
+#            (SDPA per sample, runs of short samples in one varlen call) with speed.cudnn_attention_bucket 256
+#            (BENCH_CUDNN_ATTN: the single samples on cuDNN, padded; CUDNN_BUCKET sets it), deepspeed auto
+#            (recompute only where needed)
+#   fastcudnn the same as fast (session 6's name for it, before fast.yaml turned cuDNN on)
+#   fastflash fast with the single samples on SDPA's flash kernel (sessions 3-5's fast)
+#   fastloop fastflash with every packed sample through SDPA, no varlen calls (session 3's fast)
 #   fastmask fast with LLaMA-Factory's SDPA 4D block-diagonal mask (no per-sample attention), ZeRO-2 + recompute
 #   fastseg  fast on ZeRO-2 with recompute (sessions 1-3's fast)
 #   fastnr   fastseg without gradient checkpointing (session 3 call 1)
@@ -38,7 +41,7 @@
 #   X:NAME   an experiment: S + the --set lines of bench/experiments/NAME.sets
 #   PX:NAME  an experiment: P with bench/experiments/NAME.ds.json merged into its DeepSpeed config
 #   FX:NAME  the same for fast
-#   ITEM#N   (P, Pb, Ppad, Ploop, Pnoskip, Pskip, Psplit, Pcudnn, PX, fast, fastloop, fastcudnn, FX) the item again, as out_<name>_rN: run-to-run noise in one call
+#   ITEM#N   (P, Pb, Ppad, Ploop, Pnoskip, Pskip, Psplit, Pcudnn, PX, fast, fastloop, fastcudnn, fastflash, FX) the item again, as out_<name>_rN: run-to-run noise in one call
 #   chain    `sftjobs submit prod --dry-run-first --executor local` as configs/prod.yaml stands: data -> model ->
 #            preflight -> dry run (DRY_SAMPLES samples) -> validate_dry_run, then the full run is cancelled
 # Each training item is `torchrun bench/lf_bench.py <the rendered train.yaml>` (= FORCE_TORCHRUN=1
@@ -205,9 +208,9 @@ for item in $ITEMS; do
        lfrun A prod "$LIMIT_A" "$STEPS_A" tok_nopack "" "${PLAN[@]}" ;;
     S) lfrun S prod "$LIMIT_S" "$STEPS_S" tok_nopack "$PROPOSAL_ENV ${S_ENV:-}" "${PROP[@]}"
        ;;
-    fast|fastloop|fastcudnn|FX:*) name=$item$rep; patch=; mode=
+    fast|fastloop|fastcudnn|fastflash|FX:*) name=$item$rep; patch=; mode=BENCH_CUDNN_ATTN=${CUDNN_BUCKET:-256}
           case $item in fastloop) mode=BENCH_ATTN_LOOP=1 ;;
-                        fastcudnn) mode=BENCH_CUDNN_ATTN=${CUDNN_BUCKET:-256} ;;
+                        fastflash) mode= ;;
                         FX:*) name=fast_${item#FX:}$rep; patch=bench/experiments/${item#FX:}.ds.json ;; esac
           DSPATCH=$patch lfrun "$name" fast "$LIMIT_FAST" "$STEPS_FAST" tok_neat "$PROPOSAL_ENV BENCH_SEGMENT_ATTN=1 $mode ${FAST_ENV:-}" \
             --set "resources.gpu_memory_gib=$GPU_GIB"

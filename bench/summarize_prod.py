@@ -49,8 +49,10 @@ DESCRIPTIONS = {
     "S": "session 1's proposal: sftjobs' prod with the proposed change (bench/prod_proposal.sets) rendered by `sftjobs render prod`; "
          "same samples per optimizer step as A (bs 1 x ga 2 per GPU), no packing",
     "fast": "`sftjobs render fast` as configs/fast.yaml stands: neat_packing (sample-isolated packs of <= 15000 "
-            "tokens), Liger, per-sample attention, deepspeed auto (recompute only where memory needs it), 1 pack per "
-            "GPU per step",
+            "tokens), Liger, per-sample attention with its single samples on cuDNN padded to 256 tokens "
+            "(speed.cudnn_attention_bucket, from session 6 on), deepspeed auto (recompute only where memory needs "
+            "it), 1 pack per GPU per step",
+    "fastflash": "fast with its single samples on SDPA's flash kernel (sessions 3-5's fast)",
     "fastloop": "fast with every packed sample through causal SDPA, no varlen calls (session 3's fast)",
     "fastcudnn": "fast with each packed sample that gets its own SDPA call run through cuDNN's attention, padded at "
                  "its end to a multiple of 256 tokens (one cuDNN graph per padded length; per_sample_attention.CUDNN_BUCKET)",
@@ -291,7 +293,7 @@ def main() -> None:
         pass
     ngpu = len(gpus) or 1
     names = [os.path.basename(p)[4:] for p in sorted(glob.glob(os.path.join(workdir, "out_*")))]
-    known = ("A", "P", "Pnoskip", "Pskip", "Psplit", "Pcudnn", "Ploop", "Pb", "Ppad", "S", "SB", "S1B", "fast", "fastloop", "fastcudnn", "fastmask", "fastseg", "fastnr")
+    known = ("A", "P", "Pnoskip", "Pskip", "Psplit", "Pcudnn", "Ploop", "Pb", "Ppad", "S", "SB", "S1B", "fast", "fastflash", "fastloop", "fastcudnn", "fastmask", "fastseg", "fastnr")
     order = [n for n in known if n in names] + [n for n in names if n not in known]
     configs = {n: harness_item(workdir, n, warm, n_params, peak, mean_tok) for n in order}
     chain = chain_item(workdir, n_params, peak, mean_tok, ngpu)

@@ -61,6 +61,9 @@ def test_training_command_single_process_and_torchrun():
     splitting = training_command(Path("/r/t.yaml"), None, {"pack_rank_samples": True, "split_long_samples": True},
                                  env={})
     assert splitting[1:5] == ["-m", "sftjobs.steps.lf_train", "--pack-rank-samples", "--split-long-samples"]
+    cudnn = training_command(Path("/r/t.yaml"), None, {"per_sample_attention": True, "cudnn_attention_bucket": 256},
+                             env={})
+    assert cudnn[1:6] == ["-m", "sftjobs.steps.lf_train", "--per-sample-attention", "--cudnn-attention-bucket", "256"]
     # more than one process per node means torchrun even without FORCE_TORCHRUN, as llamafactory-cli decides
     assert "torch.distributed.run" in training_command(Path("/r/t.yaml"), None, env={"NPROC_PER_NODE": "2"})
 

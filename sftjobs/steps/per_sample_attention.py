@@ -111,10 +111,8 @@ def causal_sdpa(q, k, v, scale):
     keys at or before it, and the padded queries' outputs are cut off, so no gradient comes back through them."""
     import torch.nn.functional as F
 
-    if not (CUDNN_BUCKET and q.is_cuda):
+    if not (CUDNN_BUCKET and on_gpu(q)):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     warm_cudnn(q, k, scale)
     length = q.shape[2]
     padded = length + (-length % CUDNN_BUCKET)
@@ -122,9 +120,20 @@ def causal_sdpa(q, k, v, scale):
     # every call of a padded length presents the layouts warm_cudnn's call did
     q, k, v = (F.pad(t.transpose(1, 2), (0, 0, 0, 0, 0, padded - length)).contiguous().transpose(1, 2)
                for t in (q, k, v))
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION], set_priority=True):
+    with cudnn_first():
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     return grad_like_output()(out)[:, :, :length]
+
+
+def on_gpu(tensor) -> bool:
+    return tensor.is_cuda
+
+
+def cudnn_first():
+    """SDPA's kernel choice for causal_sdpa's padded calls: cuDNN, else flash (whatever the process's priority)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION], set_priority=True)
 
 
 @functools.lru_cache(maxsize=1)

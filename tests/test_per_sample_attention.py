@@ -1,0 +1,80 @@
+"""speed.cudnn_attention_bucket on the CPU: the padding arithmetic and the gradient layout of causal_sdpa's cuDNN
+path, run through the same code with the kernel choice left to torch (the GPU test,
+test_per_sample_attention_gpu.py, runs cuDNN itself), and how lf_train sets it up."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from sftjobs.steps import lf_train  # noqa: E402
+from sftjobs.steps import per_sample_attention as psa  # noqa: E402
+
+
+@pytest.fixture
+def padded_path(monkeypatch):
+    """causal_sdpa takes its cuDNN branch on the CPU: padding, warm-up and the layout fix run, SDPA's math kernel
+    computes."""
+    monkeypatch.setattr(psa, "on_gpu", lambda tensor: True)
+    monkeypatch.setattr(psa, "cudnn_first", contextlib.nullcontext)
+    monkeypatch.setattr(psa, "CUDNN_MAX_LEN", 48)
+    monkeypatch.setattr(psa, "_WARMED", set())
+
+
+def attend(lengths, bucket, monkeypatch):
+    """One packed row of samples of these lengths through per_sample_sdpa: output and q/k/v gradients."""
+    monkeypatch.setattr(psa, "CUDNN_BUCKET", bucket)
+    gen = torch.Generator().manual_seed(0)
+    total = sum(lengths)
+    # the model's layout: [1, L, H, D] in memory, seen as [1, H, L, D]
+    q, k, v = (torch.randn(1, total, h, 8, dtype=torch.float64, generator=gen).transpose(1, 2).requires_grad_()
+               for h in (4, 2, 2))
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    out, _ = psa.per_sample_sdpa(None, q, k, v, None, position_ids=pos)
+    weights = torch.randn(out.shape, dtype=torch.float64, generator=gen)
+    (out * weights).sum().backward()
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("lengths", [[13, 5, 30], [16, 8, 24], [1, 47]], ids=["padded", "bucket_multiples", "one"])
+def test_padded_samples_give_the_unpadded_attention(lengths, padded_path, monkeypatch):
+    plain = attend(lengths, 0, monkeypatch)
+    padded = attend(lengths, 8, monkeypatch)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), padded, plain, strict=True):
+        assert torch.allclose(a, b, atol=1e-12), (name, (a - b).abs().max().item())
+    assert psa._WARMED, "the graphs' warm-up did not run"
+
+
+def test_padded_samples_keep_attention_inside_each_sample(padded_path, monkeypatch):
+    first = attend([13, 5, 30], 8, monkeypatch)[0]
+    second = attend([13, 35], 8, monkeypatch)[0]  # the same tokens, the last two samples now one
+    assert torch.equal(first[:, :13], second[:, :13])
+    assert not torch.allclose(first[:, 18:], second[:, 18:])
+
+
+def test_the_output_gradient_reaches_the_kernel_in_the_outputs_layout():
+    out = torch.randn(1, 6, 4, 8).transpose(1, 2).requires_grad_()  # [1, 4, 6, 8] in [1, 6, 4, 8] memory
+    seen = {}
+    def note(grad):
+        seen["stride"] = grad.stride()
+
+    out.register_hook(note)
+    fixed = psa.grad_like_output()(out)
+    fixed[:, :, :5].sum().backward()  # a slice's gradient comes back contiguous in [1, 4, 6, 8]
+    assert seen["stride"] == out.stride()
+    assert torch.equal(out.grad[:, :, :5], torch.ones(1, 4, 5, 8)) and not out.grad[:, :, 5:].any()
+
+
+def test_lf_train_sets_the_bucket_and_the_longest_padded_length(tmp_path, monkeypatch):
+    monkeypatch.setattr(psa, "CUDNN_BUCKET", 0)
+    monkeypatch.setattr(psa, "CUDNN_MAX_LEN", 16384)
+    config = tmp_path / "train.yaml"
+    config.write_text("cutoff_len: 15000\nstage: sft\n")
+    lf_train.install_cudnn_attention(256, str(config), [])
+    assert (psa.CUDNN_BUCKET, psa.CUDNN_MAX_LEN) == (256, 15000)
+    lf_train.install_cudnn_attention(128, str(config), ["cutoff_len=4096"])
+    assert (psa.CUDNN_BUCKET, psa.CUDNN_MAX_LEN) == (128, 4096)
+    assert lf_train.parse_args(["--cudnn-attention-bucket", "256", str(config)]).cudnn_attention_bucket == 256
