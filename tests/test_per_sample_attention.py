@@ -48,6 +48,21 @@ def test_padded_samples_give_the_unpadded_attention(lengths, padded_path, monkey
     assert psa._WARMED, "the graphs' warm-up did not run"
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+def test_the_first_forward_may_run_without_autograd(mode, padded_path, monkeypatch):
+    """An evaluation's forward can be the first: the warm-up still builds the backward's graphs, and the output
+    is the unpadded attention's."""
+    plain = attend([13, 5, 30], 0, monkeypatch)[0]
+    monkeypatch.setattr(psa, "CUDNN_BUCKET", 8)
+    gen = torch.Generator().manual_seed(0)  # attend's inputs
+    q, k, v = (torch.randn(1, 48, h, 8, dtype=torch.float64, generator=gen).transpose(1, 2) for h in (4, 2, 2))
+    pos = torch.cat([torch.arange(n) for n in (13, 5, 30)])[None]
+    with mode():
+        out, _ = psa.per_sample_sdpa(None, q, k, v, None, position_ids=pos)
+    assert len(psa._WARMED) == 1
+    assert torch.allclose(out, plain, atol=1e-12)
+
+
 def test_padded_samples_keep_attention_inside_each_sample(padded_path, monkeypatch):
     first = attend([13, 5, 30], 8, monkeypatch)[0]
     second = attend([13, 35], 8, monkeypatch)[0]  # the same tokens, the last two samples now one

@@ -171,12 +171,16 @@ def warm_cudnn(q, k, scale) -> None:
     if key in _WARMED:
         return
     _WARMED.add(key)
-    for padded in range(CUDNN_BUCKET, CUDNN_MAX_LEN + CUDNN_BUCKET, CUDNN_BUCKET):
-        q1 = torch.randn(1, q.shape[1], padded - 1, q.shape[3], device=q.device, dtype=q.dtype, requires_grad=True)
-        k1 = torch.randn(1, k.shape[1], padded - 1, q.shape[3], device=q.device, dtype=q.dtype, requires_grad=True)
-        v1 = torch.randn_like(k1, requires_grad=True)
-        out = causal_sdpa(q1, k1, v1, scale).transpose(1, 2)
-        out.backward(torch.randn_like(out))
+    # the first forward may run without autograd (an evaluation, a recompute's first pass): the backward's graphs
+    # are built all the same
+    with torch.inference_mode(False), torch.enable_grad():
+        for padded in range(CUDNN_BUCKET, CUDNN_MAX_LEN + CUDNN_BUCKET, CUDNN_BUCKET):
+            shape = (1, q.shape[1], padded - 1, q.shape[3])
+            q1 = torch.randn(shape, device=q.device, dtype=q.dtype, requires_grad=True)
+            k1 = torch.randn((1, k.shape[1], *shape[2:]), device=q.device, dtype=q.dtype, requires_grad=True)
+            v1 = torch.randn_like(k1, requires_grad=True)
+            out = causal_sdpa(q1, k1, v1, scale).transpose(1, 2)
+            out.backward(torch.randn_like(out))
 
 
 _WARMED: set = set()
