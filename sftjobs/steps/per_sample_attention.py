@@ -193,10 +193,10 @@ def row_pieces(bounds: list[list[int]], device, varlen: bool, split_end: int = 0
     (split_attention); otherwise one varlen call over a run of consecutive short samples (cu_seq their int32
     offsets from start). Built once per forward (every layer asks for the same) and cached with the boundaries.
 
-    Short means under SHORT_SAMPLE tokens, in runs of two or more: torch's varlen kernel saves the per-call cost
-    of many short samples, but ran long ones at about half the speed of SDPA's causal kernel on an H100
-    (bench/README.md, session 4: 10.7 vs 5.9 ms per layer for one 14980-token sample), and one call has no
-    per-call cost to save.
+    Short means under SHORT_SAMPLE tokens, in runs of two or more: torch's varlen kernel (flash) saves the
+    per-call cost of many short samples. A long sample gets its own call, which can run cuDNN's kernel
+    (CUDNN_BUCKET): on an H100 that took 6.1 ms per layer for a 14980-token sample, against 10.8 on flash
+    (bench/README.md, session 6). One call has no per-call cost to save.
     """
     import torch
 
