@@ -48,6 +48,14 @@ def test_padded_samples_give_the_unpadded_attention(lengths, padded_path, monkey
     assert psa._WARMED, "the graphs' warm-up did not run"
 
 
+def test_the_warm_up_says_what_it_built(padded_path, monkeypatch):
+    said = []
+    monkeypatch.setattr(psa, "LOG", said.append)
+    attend([13, 5, 30], 8, monkeypatch)
+    attend([13, 5, 30], 8, monkeypatch)  # once per head shape, not per forward
+    assert len(said) == 1 and "6 padded lengths up to 48" in said[0], said
+
+
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
 def test_the_first_forward_may_run_without_autograd(mode, padded_path, monkeypatch):
     """An evaluation's forward can be the first: the warm-up still builds the backward's graphs, and the output

@@ -461,6 +461,7 @@ def install_cudnn_attention(bucket: int, config: str, overrides: list[str]) -> N
         if key == "cutoff_len":
             cutoff = value
     per_sample_attention.CUDNN_BUCKET = bucket
+    per_sample_attention.LOG = log
     if cutoff:
         per_sample_attention.CUDNN_MAX_LEN = int(cutoff)
     log(f"per-sample attention: cuDNN for single samples, lengths padded to a multiple of {bucket} "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import time
 import weakref
 from typing import Any
 
@@ -29,6 +30,7 @@ USE_VARLEN = True  # the benchmark harness turns it off to time the per-sample S
 SHORT_SAMPLE = 2048  # runs of consecutive samples shorter than this go through one varlen call (row_pieces)
 CUDNN_BUCKET = 0  # > 0: single samples through cuDNN's attention, padded to a multiple of this (causal_sdpa)
 CUDNN_MAX_LEN = 16384  # the longest sample warm_cudnn builds cuDNN graphs for (cutoff_len)
+LOG = None  # where warm_cudnn reports how long the graphs took (lf_train's log)
 SPLIT = "split"  # row_pieces' mark for the half of a sample split over a GPU pair (split_attention)
 
 
@@ -171,16 +173,21 @@ def warm_cudnn(q, k, scale) -> None:
     if key in _WARMED:
         return
     _WARMED.add(key)
+    started = time.perf_counter()
+    padded_lengths = range(CUDNN_BUCKET, CUDNN_MAX_LEN + CUDNN_BUCKET, CUDNN_BUCKET)
     # the first forward may run without autograd (an evaluation, a recompute's first pass): the backward's graphs
     # are built all the same
     with torch.inference_mode(False), torch.enable_grad():
-        for padded in range(CUDNN_BUCKET, CUDNN_MAX_LEN + CUDNN_BUCKET, CUDNN_BUCKET):
+        for padded in padded_lengths:
             shape = (1, q.shape[1], padded - 1, q.shape[3])
             q1 = torch.randn(shape, device=q.device, dtype=q.dtype, requires_grad=True)
             k1 = torch.randn((1, k.shape[1], *shape[2:]), device=q.device, dtype=q.dtype, requires_grad=True)
             v1 = torch.randn_like(k1, requires_grad=True)
             out = causal_sdpa(q1, k1, v1, scale).transpose(1, 2)
             out.backward(torch.randn_like(out))
+    if LOG is not None:
+        LOG(f"per-sample attention: cuDNN graphs for {len(padded_lengths)} padded lengths up to "
+            f"{padded_lengths[-1]} built in {time.perf_counter() - started:.1f} s")
 
 
 _WARMED: set = set()
