@@ -21,6 +21,8 @@
 #   Psplit   Pskip with speed.split_long_samples (a step's longest sample split over a GPU pair, attention across
 #            it): the same as P since session 5
 #   Pcudnn   P with single packed samples through cuDNN's attention, padded to a multiple of CUDNN_BUCKET (256)
+#   Pflce    P with only Liger's fused linear cross-entropy (RMSNorm, RoPE, SwiGLU as transformers has them):
+#            less CPU per step (prepared in session 6, not run yet)
 #   Ploop    P with every packed sample through SDPA, no varlen calls (session 3's P)
 #   Pb       P with balanced ranks but without packing each GPU's samples (session 2's P)
 #   Ppad     Pb without sftjobs' unpadded one-row batches (LLaMA-Factory pads to a multiple of 8 -> L x L mask)
@@ -32,6 +34,7 @@
 #   fastcudnn the same as fast (session 6's name for it, before fast.yaml turned cuDNN on)
 #   fastflash fast with the single samples on SDPA's flash kernel (sessions 3-5's fast)
 #   fastloop fastflash with every packed sample through SDPA, no varlen calls (session 3's fast)
+#   fastflce fast with only Liger's fused linear cross-entropy (prepared in session 6, not run yet)
 #   fastmask fast with LLaMA-Factory's SDPA 4D block-diagonal mask (no per-sample attention), ZeRO-2 + recompute
 #   fastseg  fast on ZeRO-2 with recompute (sessions 1-3's fast)
 #   fastnr   fastseg without gradient checkpointing (session 3 call 1)
@@ -41,7 +44,7 @@
 #   X:NAME   an experiment: S + the --set lines of bench/experiments/NAME.sets
 #   PX:NAME  an experiment: P with bench/experiments/NAME.ds.json merged into its DeepSpeed config
 #   FX:NAME  the same for fast
-#   ITEM#N   (P, Pb, Ppad, Ploop, Pnoskip, Pskip, Psplit, Pcudnn, PX, fast, fastloop, fastcudnn, fastflash, FX) the item again, as out_<name>_rN: run-to-run noise in one call
+#   ITEM#N   (P, Pb, Ppad, Ploop, Pnoskip, Pskip, Psplit, Pcudnn, Pflce, PX, fast, fastloop, fastcudnn, fastflash, fastflce, FX) the item again, as out_<name>_rN: run-to-run noise in one call
 #   chain    `sftjobs submit prod --dry-run-first --executor local` as configs/prod.yaml stands: data -> model ->
 #            preflight -> dry run (DRY_SAMPLES samples) -> validate_dry_run, then the full run is cancelled
 # Each training item is `torchrun bench/lf_bench.py <the rendered train.yaml>` (= FORCE_TORCHRUN=1
@@ -208,18 +211,20 @@ for item in $ITEMS; do
        lfrun A prod "$LIMIT_A" "$STEPS_A" tok_nopack "" "${PLAN[@]}" ;;
     S) lfrun S prod "$LIMIT_S" "$STEPS_S" tok_nopack "$PROPOSAL_ENV ${S_ENV:-}" "${PROP[@]}"
        ;;
-    fast|fastloop|fastcudnn|fastflash|FX:*) name=$item$rep; patch=; mode=BENCH_CUDNN_ATTN=${CUDNN_BUCKET:-256}
+    fast|fastloop|fastcudnn|fastflash|fastflce|FX:*) name=$item$rep; patch=; mode=BENCH_CUDNN_ATTN=${CUDNN_BUCKET:-256}
           case $item in fastloop) mode=BENCH_ATTN_LOOP=1 ;;
                         fastflash) mode= ;;
+                        fastflce) mode="$mode BENCH_LIGER_KEEP=fused_linear_cross_entropy" ;;
                         FX:*) name=fast_${item#FX:}$rep; patch=bench/experiments/${item#FX:}.ds.json ;; esac
           DSPATCH=$patch lfrun "$name" fast "$LIMIT_FAST" "$STEPS_FAST" tok_neat "$PROPOSAL_ENV BENCH_SEGMENT_ATTN=1 $mode ${FAST_ENV:-}" \
             --set "resources.gpu_memory_gib=$GPU_GIB"
           grep -h "memory plan" "$W/out_$name/render.log" ;;
     fastmask) lfrun fastmask fast "$LIMIT_FAST" "$STEPS_FAST" tok_neat "$PROPOSAL_ENV" --set deepspeed=z2 \
                 --set train.disable_gradient_checkpointing=false ;;
-    P|Pb|Ppad|Ploop|Pskip|Psplit|Pnoskip|Pcudnn|PX:*) name=$item$rep; patch=
+    P|Pb|Ppad|Ploop|Pskip|Psplit|Pnoskip|Pcudnn|Pflce|PX:*) name=$item$rep; patch=
        case $item in P|Psplit) mode="BENCH_PACK=1 BENCH_UNPAD=1 BENCH_SKIP_IDLE=1 BENCH_SPLIT=1" ;;
                      Pcudnn) mode="BENCH_PACK=1 BENCH_UNPAD=1 BENCH_SKIP_IDLE=1 BENCH_SPLIT=1 BENCH_CUDNN_ATTN=${CUDNN_BUCKET:-256}" ;;
+                     Pflce) mode="BENCH_PACK=1 BENCH_UNPAD=1 BENCH_SKIP_IDLE=1 BENCH_SPLIT=1 BENCH_LIGER_KEEP=fused_linear_cross_entropy" ;;
                      Pb) mode="BENCH_BALANCE=1 BENCH_UNPAD=1" ;;
                      Ploop) mode="BENCH_PACK=1 BENCH_UNPAD=1 BENCH_SKIP_IDLE=1 BENCH_SPLIT=1 BENCH_ATTN_LOOP=1" ;;
                      Pskip) mode="BENCH_PACK=1 BENCH_UNPAD=1 BENCH_SKIP_IDLE=1" ;;

@@ -23,6 +23,9 @@ Environment:
                        GPU pair where it costs more than a GPU's share)
   BENCH_CUDNN_ATTN=N   per-sample attention's single samples through cuDNN's attention, padded to a multiple of N
                        (per_sample_attention.CUDNN_BUCKET)
+  BENCH_LIGER_KEEP=a,b  only these of Liger's Qwen2 kernels (rope, rms_norm, swiglu, cross_entropy,
+                       fused_linear_cross_entropy); the rest stay transformers' own (Liger's Triton launches cost
+                       ~100-270 us of CPU per call: session 3's P profile)
   BENCH_ATTN_LOOP=1    per-sample attention as causal SDPA once per sample, no varlen calls even for runs of
                        short samples (sessions 1-3's kernel)
 
@@ -38,6 +41,21 @@ import time
 
 import torch
 from transformers import TrainerCallback
+
+
+def _keep_liger_kernels(keep: set[str]) -> None:
+    """LLaMA-Factory imports apply_liger_kernel_to_qwen2 when it applies Liger: turn off the kernels not kept."""
+    import liger_kernel.transformers as lt
+
+    apply = lt.apply_liger_kernel_to_qwen2
+
+    def apply_kept(*args, **kwargs):
+        for name in ("rope", "rms_norm", "swiglu", "cross_entropy", "fused_linear_cross_entropy"):
+            kwargs[name] = name in keep and kwargs.get(name, name != "cross_entropy")
+        print(f"[bench] Liger kernels: {kwargs}", flush=True)
+        return apply(*args, **kwargs)
+
+    lt.apply_liger_kernel_to_qwen2 = apply_kept
 
 
 def _patch_token_count() -> None:
@@ -150,6 +168,8 @@ if __name__ == "__main__":
 
         per_sample_attention.CUDNN_BUCKET = int(os.environ["BENCH_CUDNN_ATTN"])
         print(f"[bench] per-sample attention: cuDNN, lengths padded to {per_sample_attention.CUDNN_BUCKET}", flush=True)
+    if os.environ.get("BENCH_LIGER_KEEP"):
+        _keep_liger_kernels(set(os.environ["BENCH_LIGER_KEEP"].split(",")))
     if os.environ.get("BENCH_ATTN_LOOP") == "1":
         from sftjobs.steps import per_sample_attention
 

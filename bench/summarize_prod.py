@@ -41,6 +41,8 @@ DESCRIPTIONS = {
               "is split over a GPU pair (half each, keys and values gathered over the pair in every attention layer)",
     "Pcudnn": "P with each packed sample that gets its own SDPA call run through cuDNN's attention, padded at its "
               "end to a multiple of 256 tokens (speed.cudnn_attention_bucket)",
+    "Pflce": "P with only Liger's fused linear cross-entropy; RMSNorm, RoPE and SwiGLU as transformers has them "
+             "(fewer Triton launches, less CPU per step)",
     "Ploop": "P with every sample through causal SDPA (no varlen calls; session 3's kernel)",
     "Pb": "P with balanced ranks but one sample per micro-step (no packing of a GPU's samples): session 2's P",
     "Ppad": "Pb with LLaMA-Factory's padding of every batch to a multiple of 8 (what P had before sftjobs' training "
@@ -52,6 +54,7 @@ DESCRIPTIONS = {
             "tokens), Liger, per-sample attention with its single samples on cuDNN padded to 256 tokens "
             "(speed.cudnn_attention_bucket, from session 6 on), deepspeed auto (recompute only where memory needs "
             "it), 1 pack per GPU per step",
+    "fastflce": "fast with only Liger's fused linear cross-entropy (RMSNorm, RoPE, SwiGLU as transformers has them)",
     "fastflash": "fast with its single samples on SDPA's flash kernel (sessions 3-5's fast)",
     "fastloop": "fast with every packed sample through causal SDPA, no varlen calls (session 3's fast)",
     "fastcudnn": "fast with each packed sample that gets its own SDPA call run through cuDNN's attention, padded at "
@@ -293,7 +296,7 @@ def main() -> None:
         pass
     ngpu = len(gpus) or 1
     names = [os.path.basename(p)[4:] for p in sorted(glob.glob(os.path.join(workdir, "out_*")))]
-    known = ("A", "P", "Pnoskip", "Pskip", "Psplit", "Pcudnn", "Ploop", "Pb", "Ppad", "S", "SB", "S1B", "fast", "fastflash", "fastloop", "fastcudnn", "fastmask", "fastseg", "fastnr")
+    known = ("A", "P", "Pnoskip", "Pskip", "Psplit", "Pcudnn", "Pflce", "Ploop", "Pb", "Ppad", "S", "SB", "S1B", "fast", "fastflash", "fastflce", "fastloop", "fastcudnn", "fastmask", "fastseg", "fastnr")
     order = [n for n in known if n in names] + [n for n in names if n not in known]
     configs = {n: harness_item(workdir, n, warm, n_params, peak, mean_tok) for n in order}
     chain = chain_item(workdir, n_params, peak, mean_tok, ngpu)
