@@ -94,6 +94,7 @@ def test_the_output_gradient_reaches_the_kernel_in_the_outputs_layout():
 def test_lf_train_sets_the_bucket_and_the_longest_padded_length(tmp_path, monkeypatch):
     monkeypatch.setattr(psa, "CUDNN_BUCKET", 0)
     monkeypatch.setattr(psa, "CUDNN_MAX_LEN", 16384)
+    monkeypatch.setattr(psa, "LOG", None)
     config = tmp_path / "train.yaml"
     config.write_text("cutoff_len: 15000\nstage: sft\n")
     lf_train.install_cudnn_attention(256, str(config), [])
