@@ -21,8 +21,8 @@ Environment:
                        no forward or backward)
   BENCH_SPLIT=1        with BENCH_PACK: sftjobs' speed.split_long_samples (a step's longest sample split over a
                        GPU pair where it costs more than a GPU's share)
-  BENCH_CUDNN_ATTN=N   per-sample attention's single samples through cuDNN's attention, padded to a multiple of N
-                       (per_sample_attention.CUDNN_BUCKET)
+  BENCH_CUDNN_ATTN=N   sftjobs' speed.cudnn_attention_bucket (lf_train.install_cudnn_attention): per-sample
+                       attention's single samples through cuDNN's attention, padded to a multiple of N
   BENCH_LIGER_KEEP=a,b  only these of Liger's Qwen2 kernels (rope, rms_norm, swiglu, cross_entropy,
                        fused_linear_cross_entropy); the rest stay transformers' own (Liger's Triton launches cost
                        ~100-270 us of CPU per call: session 3's P profile)
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import torch
@@ -163,11 +164,10 @@ if __name__ == "__main__":
     if os.environ.get("BENCH_NO_CUDNN_SDPA") == "1":  # fallback where TORCH_CUDNN_SDPA_DEPRIORITIZED is unknown
         torch.backends.cuda.enable_cudnn_sdp(False)
         print("[bench] cuDNN SDPA disabled in-process", flush=True)
-    if os.environ.get("BENCH_CUDNN_ATTN"):
-        from sftjobs.steps import per_sample_attention
+    if os.environ.get("BENCH_CUDNN_ATTN"):  # what lf_train's --cudnn-attention-bucket does
+        from sftjobs.steps.lf_train import install_cudnn_attention
 
-        per_sample_attention.CUDNN_BUCKET = int(os.environ["BENCH_CUDNN_ATTN"])
-        print(f"[bench] per-sample attention: cuDNN, lengths padded to {per_sample_attention.CUDNN_BUCKET}", flush=True)
+        install_cudnn_attention(int(os.environ["BENCH_CUDNN_ATTN"]), sys.argv[1], sys.argv[2:])
     if os.environ.get("BENCH_LIGER_KEEP"):
         _keep_liger_kernels(set(os.environ["BENCH_LIGER_KEEP"].split(",")))
     if os.environ.get("BENCH_ATTN_LOOP") == "1":
