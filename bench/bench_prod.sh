@@ -21,6 +21,8 @@
 #   Psplit   Pskip with speed.split_long_samples (a step's longest sample split over a GPU pair, attention across
 #            it): the same as P since session 5
 #   Pcudnn   P with single packed samples through cuDNN's attention, padded to a multiple of CUDNN_BUCKET (256)
+#   Pslice   P with per-sample attention's q/k/v sliced under autograd (sessions 1-6), not one node whose backward
+#            fills each sample's slice (BENCH_SLICE_BACKWARD=1)
 #   Pflce    P with only Liger's fused linear cross-entropy (RMSNorm, RoPE, SwiGLU as transformers has them):
 #            less CPU per step (prepared in session 6, not run yet)
 #   Ploop    P with every packed sample through SDPA, no varlen calls (session 3's P)
@@ -34,6 +36,7 @@
 #   fastcudnn the same as fast (session 6's name for it, before fast.yaml turned cuDNN on)
 #   fastflash fast with the single samples on SDPA's flash kernel (sessions 3-5's fast)
 #   fastloop fastflash with every packed sample through SDPA, no varlen calls (session 3's fast)
+#   fastslice fast with q/k/v sliced under autograd (sessions 1-6; BENCH_SLICE_BACKWARD=1)
 #   fastflce fast with only Liger's fused linear cross-entropy (prepared in session 6, not run yet)
 #   fastmask fast with LLaMA-Factory's SDPA 4D block-diagonal mask (no per-sample attention), ZeRO-2 + recompute
 #   fastseg  fast on ZeRO-2 with recompute (sessions 1-3's fast)
@@ -43,15 +46,19 @@
 #            by their token totals
 #   X:NAME   an experiment: S + the --set lines of bench/experiments/NAME.sets
 #   PX:NAME  an experiment: P with bench/experiments/NAME.ds.json merged into its DeepSpeed config
+#   PS:NAME  an experiment: P with whichever of bench/experiments/NAME.sets (--set lines), NAME.env (harness
+#            environment, e.g. BENCH_TOKEN_SYNC=1) and NAME.ds.json exist
 #   FX:NAME  the same for fast
-#   ITEM#N   (P, Pb, Ppad, Ploop, Pnoskip, Pskip, Psplit, Pcudnn, Pflce, PX, fast, fastloop, fastcudnn, fastflash, fastflce, FX) the item again, as out_<name>_rN: run-to-run noise in one call
+#   ITEM#N   (P, Pb, Ppad, Ploop, Pnoskip, Pskip, Psplit, Pcudnn, Pflce, Pslice, PX, PS, fast, fastloop, fastcudnn, fastflash,
+#            fastflce, fastslice, FX) the item again, as out_<name>_rN: run-to-run noise in one call
 #   chain    `sftjobs submit prod --dry-run-first --executor local` as configs/prod.yaml stands: data -> model ->
 #            preflight -> dry run (DRY_SAMPLES samples) -> validate_dry_run, then the full run is cancelled
 # Each training item is `torchrun bench/lf_bench.py <the rendered train.yaml>` (= FORCE_TORCHRUN=1
 # llamafactory-cli train) with max_steps set; the first WARM steps are warm-up, the rest are measured.
 #
-# Env: P_ENV / FAST_ENV (extra environment for the P / fast items); PROFILE_ITEM (an item's out name, e.g. fast_r3:
-#      torch.profiler over its step PROFILE_STEP (6) on rank 0, written to out_NAME/profile_rank0.txt)
+# Env: P_ENV / FAST_ENV (extra environment for the P / fast items); PROFILE_ITEM (items' out names, e.g. "P fast_r3":
+#      torch.profiler over its step PROFILE_STEP (6) on rank 0: out_NAME/profile_rank0.txt, trace_rank0.json.gz and
+#      gaps_rank0.txt, where the GPU waited (bench/trace_gaps.py))
 #      SHAPE (qwen2.5-3b) NDATA (2000) BUDGET_S (560) TAG (gpu) DRY_SAMPLES (1000) WARM (3)
 #      STEPS_A (9) STEPS_S (16) STEPS_FAST (10) LIMIT_A (170) LIMIT_S (110) LIMIT_FAST (120) LIMIT_CHAIN (330)
 set -u
@@ -125,7 +132,7 @@ lfrun() {
   if [ "$(left)" -lt "$need" ]; then el "skip $name: $(left)s left"; echo "$name skipped (time)" >> "$W/skipped.txt"; return; fi
   [ "$limit" -gt "$(left)" ] && limit=$(left)
   local od="$W/out_$name" rd="$W/render_$name"; rm -rf "$od" "$rd"; mkdir -p "$od"
-  [ "$name" = "${PROFILE_ITEM:-}" ] && envs="$envs BENCH_PROFILE_STEP=${PROFILE_STEP:-6}"  # torch.profiler, rank 0
+  case " ${PROFILE_ITEM:-} " in *" $name "*) envs="$envs BENCH_PROFILE_STEP=${PROFILE_STEP:-6}" ;; esac  # torch.profiler, rank 0
   python3 -m sftjobs render "$profile" --out "$rd" "${COMMON[@]}" --set "output_dir=$od/ckpt" \
     --set "train.max_steps=$steps" --set "train.tokenized_path=$W/$tok" "$@" > "$od/render.log" 2>&1 \
     || { el "$name: render FAILED"; cat "$od/render.log"; return; }
@@ -152,6 +159,7 @@ d = json.load(open(sys.argv[1])); merge(d, json.load(open(sys.argv[2]))); json.d
   kill $wd 2>/dev/null; wait $wd 2>/dev/null; kill -KILL -$tr 2>/dev/null; kill $smi 2>/dev/null; wait $smi 2>/dev/null
   PORT=$((PORT + 1))
   el "$name rc=$rc"; echo "$rc" > "$od/rc"
+  [ -f "$od/trace_rank0.json.gz" ] && python3 bench/trace_gaps.py "$od/trace_rank0.json.gz" "$od/gaps_rank0.txt" | head -45
   grep -E "\[bench\]|Error|error:|Traceback|OutOfMemory|out of memory|Killed|[Ll]iger|neat|FlashAttention|checkpointing" "$od/train.log" \
     | grep -v "^\s*$" | tail -25
   sleep 2
@@ -211,29 +219,34 @@ for item in $ITEMS; do
        lfrun A prod "$LIMIT_A" "$STEPS_A" tok_nopack "" "${PLAN[@]}" ;;
     S) lfrun S prod "$LIMIT_S" "$STEPS_S" tok_nopack "$PROPOSAL_ENV ${S_ENV:-}" "${PROP[@]}"
        ;;
-    fast|fastloop|fastcudnn|fastflash|fastflce|FX:*) name=$item$rep; patch=; mode=BENCH_CUDNN_ATTN=${CUDNN_BUCKET:-256}
+    fast|fastloop|fastcudnn|fastflash|fastflce|fastslice|FX:*) name=$item$rep; patch=; mode=BENCH_CUDNN_ATTN=${CUDNN_BUCKET:-256}
           case $item in fastloop) mode=BENCH_ATTN_LOOP=1 ;;
                         fastflash) mode= ;;
                         fastflce) mode="$mode BENCH_LIGER_KEEP=fused_linear_cross_entropy" ;;
+                        fastslice) mode="$mode BENCH_SLICE_BACKWARD=1" ;;
                         FX:*) name=fast_${item#FX:}$rep; patch=bench/experiments/${item#FX:}.ds.json ;; esac
           DSPATCH=$patch lfrun "$name" fast "$LIMIT_FAST" "$STEPS_FAST" tok_neat "$PROPOSAL_ENV BENCH_SEGMENT_ATTN=1 $mode ${FAST_ENV:-}" \
             --set "resources.gpu_memory_gib=$GPU_GIB"
           grep -h "memory plan" "$W/out_$name/render.log" ;;
     fastmask) lfrun fastmask fast "$LIMIT_FAST" "$STEPS_FAST" tok_neat "$PROPOSAL_ENV" --set deepspeed=z2 \
                 --set train.disable_gradient_checkpointing=false ;;
-    P|Pb|Ppad|Ploop|Pskip|Psplit|Pnoskip|Pcudnn|Pflce|PX:*) name=$item$rep; patch=
+    P|Pb|Ppad|Ploop|Pskip|Psplit|Pnoskip|Pcudnn|Pflce|Pslice|PX:*|PS:*) name=$item$rep; patch=; XS=()
        case $item in P|Psplit) mode="BENCH_PACK=1 BENCH_UNPAD=1 BENCH_SKIP_IDLE=1 BENCH_SPLIT=1" ;;
                      Pcudnn) mode="BENCH_PACK=1 BENCH_UNPAD=1 BENCH_SKIP_IDLE=1 BENCH_SPLIT=1 BENCH_CUDNN_ATTN=${CUDNN_BUCKET:-256}" ;;
                      Pflce) mode="BENCH_PACK=1 BENCH_UNPAD=1 BENCH_SKIP_IDLE=1 BENCH_SPLIT=1 BENCH_LIGER_KEEP=fused_linear_cross_entropy" ;;
+                     Pslice) mode="BENCH_PACK=1 BENCH_UNPAD=1 BENCH_SKIP_IDLE=1 BENCH_SPLIT=1 BENCH_SLICE_BACKWARD=1" ;;
                      Pb) mode="BENCH_BALANCE=1 BENCH_UNPAD=1" ;;
                      Ploop) mode="BENCH_PACK=1 BENCH_UNPAD=1 BENCH_SKIP_IDLE=1 BENCH_SPLIT=1 BENCH_ATTN_LOOP=1" ;;
                      Pskip) mode="BENCH_PACK=1 BENCH_UNPAD=1 BENCH_SKIP_IDLE=1" ;;
                      Pnoskip) mode="BENCH_PACK=1 BENCH_UNPAD=1" ;;
                      Ppad) mode="BENCH_BALANCE=1" ;;
                      PX:*) mode="BENCH_PACK=1 BENCH_UNPAD=1 BENCH_SKIP_IDLE=1 BENCH_SPLIT=1"; name=P_${item#PX:}$rep
-                           patch=bench/experiments/${item#PX:}.ds.json ;; esac
+                           patch=bench/experiments/${item#PX:}.ds.json ;;
+                     PS:*) n=${item#PS:}; name=P_$n$rep; sets_arr "bench/experiments/$n.sets" XS
+                           mode="BENCH_PACK=1 BENCH_UNPAD=1 BENCH_SKIP_IDLE=1 BENCH_SPLIT=1 $(cat "bench/experiments/$n.env" 2>/dev/null)"
+                           patch=bench/experiments/$n.ds.json ;; esac
        DSPATCH=$patch lfrun "$name" prod "$LIMIT_S" "$STEPS_S" tok_nopack "$PROPOSAL_ENV $mode ${P_ENV:-}" \
-         --set "batch.global_size=$((2 * NG))" --set "resources.gpu_memory_gib=$GPU_GIB"
+         --set "batch.global_size=$((2 * NG))" --set "resources.gpu_memory_gib=$GPU_GIB" "${XS[@]}"
        grep -h "memory plan" "$W/out_$name/render.log" ;;
     SB) lfrun SB prod "$LIMIT_S" "$STEPS_S" tok_nopack "$PROPOSAL_ENV BENCH_BALANCE=1 ${S_ENV:-}" "${PROP[@]}" ;;
     S1B) DSPATCH=bench/experiments/z1.ds.json lfrun S1B prod "$LIMIT_S" "$STEPS_S" tok_nopack \
@@ -253,7 +266,7 @@ el "summarize"
 python3 bench/summarize_prod.py "$W" "$OUT/prod_$TAG.json" "$OUT/summary_$TAG.md" "$WARM" 2>&1 | tail -60
 cd "$W" && tar czf "$OUT/bench_$TAG.tgz" --exclude='*.safetensors' gpus.csv topo.txt peak.json nccl.json probe.json attn.json gputest.txt skipped.txt \
   cpu_adam_build.log sdpa_backend.txt data/sft.jsonl.stats.json out_*/timing_rank*.json out_*/smi.csv out_*/train.log out_*/train.yaml \
-  out_*/deepspeed.json out_*/rc out_*/profile_rank0.txt chain_* jobs/*/plan.json jobs/*/logs jobs/*/reports jobs/*/monitor \
+  out_*/deepspeed.json out_*/rc out_*/profile_rank0.txt out_*/gaps_rank0.txt out_*/trace_rank0.json.gz chain_* jobs/*/plan.json jobs/*/logs jobs/*/reports jobs/*/monitor \
   jobs/*/llamafactory jobs/*/deepspeed.json jobs/*/handoff.json 2>/dev/null
 ls -la "$OUT"
 el "all done"

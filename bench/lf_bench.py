@@ -6,7 +6,14 @@ Environment:
   BENCH_OUT            folder for timing_rank{R}.json (per optimizer step: synchronised wall time, cumulative
                        non-padding tokens of all ranks, all positions; peak CUDA memory of the rank)
   BENCH_EXIT_AT_END=1  leave right after the last step (skips the final multi-GB save, not part of the measure)
-  BENCH_PROFILE_STEP=k torch.profiler over optimizer step k; tables to BENCH_OUT/profile_rank0.txt
+  BENCH_PROFILE_STEP=k torch.profiler over optimizer step k on rank 0: tables to BENCH_OUT/profile_rank0.txt, the
+                       timeline to BENCH_OUT/trace_rank0.json.gz (bench/trace_gaps.py reads it); no Python stacks
+                       unless BENCH_PROFILE_STACK=1 (they slow the CPU side, which is what is being measured)
+  (always)             per optimizer step, each rank's CPU time and GPU time (CUDA events) in DeepSpeed's forward,
+                       backward and step, and the step's whole GPU span: "phases" in timing_rank{R}.json
+  BENCH_TOKEN_SYNC=1   count tokens as transformers does, with a gather and a GPU->CPU copy in every micro-step
+                       (sessions 1-6); by default the count stays on the GPU until the step's end, as a run without
+                       include_num_input_tokens_seen (sftjobs' profiles) has no such synchronisation
   BENCH_NO_CUDNN_SDPA=1 torch.backends.cuda.enable_cudnn_sdp(False) (where TORCH_CUDNN_SDPA_DEPRIORITIZED=1,
                        the switch sftjobs' profiles use, is not known to the installed torch)
   BENCH_SEGMENT_ATTN=1 sftjobs' speed.per_sample_attention (sftjobs/steps/per_sample_attention.py): causal SDPA
@@ -26,6 +33,8 @@ Environment:
   BENCH_LIGER_KEEP=a,b  only these of Liger's Qwen2 kernels (rope, rms_norm, swiglu, cross_entropy,
                        fused_linear_cross_entropy); the rest stay transformers' own (Liger's Triton launches cost
                        ~100-270 us of CPU per call: session 3's P profile)
+  BENCH_SLICE_BACKWARD=1 per-sample attention with q/k/v sliced under autograd (sessions 1-6), not as one node
+                       whose backward fills each sample's slice (per_sample_attention.PIECEWISE_BACKWARD)
   BENCH_ATTN_LOOP=1    per-sample attention as causal SDPA once per sample, no varlen calls even for runs of
                        short samples (sessions 1-3's kernel)
 
@@ -62,12 +71,18 @@ def _keep_liger_kernels(keep: set[str]) -> None:
 def _patch_token_count() -> None:
     import transformers.trainer as T
 
+    sync_each = os.environ.get("BENCH_TOKEN_SYNC") == "1"
+
     def _track(self, inputs):
         ids = inputs["input_ids"]
         pad = getattr(self.processing_class, "pad_token_id", None)
         pad = 0 if pad is None else pad
         t = torch.stack([(ids != pad).sum(), torch.tensor(ids.numel(), device=ids.device)]).to(
             device=self.args.device, dtype=torch.int64)
+        if not sync_each:  # kept on the GPU; StepTimer.on_step_end gathers it after its own synchronisation
+            StepTimer.pending = t if StepTimer.pending is None else StepTimer.pending + t
+            StepTimer.trainer = self
+            return
         g = self.accelerator.gather(t.view(1, 2)).view(-1, 2).sum(0)
         self.state.num_input_tokens_seen += int(g[0].item())
         StepTimer.all_tokens += int(g[1].item())
@@ -75,18 +90,81 @@ def _patch_token_count() -> None:
     T.Trainer._track_num_input_tokens = _track
 
 
+class Phases:
+    """CPU (perf_counter) and GPU (CUDA events) time in DeepSpeed's forward, backward and step, per optimizer step.
+
+    GPU time of a phase runs from the event recorded when its first kernel was queued to the one after its last:
+    where it is close to the CPU time, the GPU waited on the CPU's launches in that phase."""
+
+    marks: list = []  # (phase, "start"/"end", perf_counter, event)
+
+    @classmethod
+    def mark(cls, phase: str, edge: str) -> None:
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        cls.marks.append((phase, edge, time.perf_counter(), ev))
+
+    @classmethod
+    def install(cls) -> None:
+        if not torch.cuda.is_available():
+            return
+        from deepspeed.runtime.engine import DeepSpeedEngine
+
+        for phase in ("forward", "backward", "step"):
+            orig = getattr(DeepSpeedEngine, phase)
+
+            def timed(self, *a, _orig=orig, _phase=phase, **k):
+                cls.mark(_phase, "start")
+                try:
+                    with torch.profiler.record_function(f"bench::{_phase}"):  # named in a profiled step's trace
+                        return _orig(self, *a, **k)
+                finally:
+                    cls.mark(_phase, "end")
+
+            setattr(DeepSpeedEngine, phase, timed)
+
+    @classmethod
+    def take(cls, begin) -> dict:
+        """After a synchronisation: the step's phases, summed over its micro-steps (ms), and reset."""
+        out: dict = {"cpu_ms": {}, "gpu_ms": {}, "count": {}}
+        if begin is None or not cls.marks:
+            cls.marks = []
+            return out
+        t0, e0 = begin
+        open_: dict = {}
+        for phase, edge, t, ev in cls.marks:
+            if edge == "start":
+                open_[phase] = (t, ev)
+                continue
+            if phase not in open_:
+                continue
+            ts, es = open_.pop(phase)
+            out["cpu_ms"][phase] = round(out["cpu_ms"].get(phase, 0.0) + (t - ts) * 1000, 3)
+            out["gpu_ms"][phase] = round(out["gpu_ms"].get(phase, 0.0) + es.elapsed_time(ev), 3)
+            out["count"][phase] = out["count"].get(phase, 0) + 1
+        last_t, last_ev = cls.marks[-1][2], cls.marks[-1][3]
+        out["cpu_span_ms"] = round((last_t - t0) * 1000, 3)
+        out["gpu_span_ms"] = round(e0.elapsed_time(last_ev), 3)
+        cls.marks = []
+        return out
+
+
 # ----------------------------------------------------------------------------- timer
 
 
 class StepTimer(TrainerCallback):
     all_tokens = 0
+    pending = None  # this rank's [non-padding, all] tokens of the step so far, on the GPU
+    trainer = None
 
     def __init__(self):
         self.rank = int(os.environ.get("RANK", "0"))
         self.out = os.environ.get("BENCH_OUT", ".")
         self.profile_step = int(os.environ.get("BENCH_PROFILE_STEP", "0"))
         self.prof = None
-        self.rec = {"steps": [], "t": [], "tokens": [], "all_tokens": [], "t_train_begin": None, "mem_alloc_GiB": []}
+        self.rec = {"steps": [], "t": [], "tokens": [], "all_tokens": [], "t_train_begin": None, "mem_alloc_GiB": [],
+                    "phases": []}
+        self.begin = None
 
     @staticmethod
     def _sync():
@@ -110,15 +188,28 @@ class StepTimer(TrainerCallback):
             torch.cuda.reset_peak_memory_stats()
 
     def on_step_begin(self, args, state, control, **kw):
+        if torch.cuda.is_available():
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.begin = (time.perf_counter(), ev)
+        Phases.marks = []
         if self.profile_step and state.global_step + 1 == self.profile_step and self.rank == 0:
             self._sync()
             self.prof = torch.profiler.profile(
-                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA], with_stack=True)
+                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
+                with_stack=os.environ.get("BENCH_PROFILE_STACK") == "1")
             self.prof.__enter__()
             self.t_prof = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kw):
         self._sync()
+        if StepTimer.pending is not None:  # the step's token count, gathered once (after the synchronisation)
+            tr = StepTimer.trainer
+            g = tr.accelerator.gather(StepTimer.pending.view(1, 2)).view(-1, 2).sum(0).tolist()
+            StepTimer.pending = None
+            state.num_input_tokens_seen += int(g[0])
+            StepTimer.all_tokens += int(g[1])
+        self.rec["phases"].append(Phases.take(self.begin))
         if self.prof is not None:
             self.prof.__exit__(None, None, None)
             wall = time.perf_counter() - self.t_prof
@@ -131,7 +222,16 @@ class StepTimer(TrainerCallback):
                 f.write("\n\n")
                 f.write(events.table(sort_by="cpu_time_total", row_limit=45))
                 f.write("\n\n")
-                f.write(self.prof.key_averages(group_by_stack_n=6).table(sort_by="cpu_time_total", row_limit=25))
+                if os.environ.get("BENCH_PROFILE_STACK") == "1":
+                    f.write(self.prof.key_averages(group_by_stack_n=6).table(sort_by="cpu_time_total", row_limit=25))
+            trace = os.path.join(self.out, "trace_rank0.json")
+            self.prof.export_chrome_trace(trace)
+            import gzip
+            import shutil
+
+            with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.remove(trace)
             self.prof = None
         self.rec["steps"].append(state.global_step)
         self.rec["t"].append(time.perf_counter())
@@ -161,6 +261,7 @@ if __name__ == "__main__":
     from llamafactory.train.tuner import run_exp
 
     _patch_token_count()
+    Phases.install()
     if os.environ.get("BENCH_NO_CUDNN_SDPA") == "1":  # fallback where TORCH_CUDNN_SDPA_DEPRIORITIZED is unknown
         torch.backends.cuda.enable_cudnn_sdp(False)
         print("[bench] cuDNN SDPA disabled in-process", flush=True)
@@ -175,6 +276,11 @@ if __name__ == "__main__":
 
         per_sample_attention.USE_VARLEN = False
         print("[bench] per-sample attention: SDPA loop (varlen off)", flush=True)
+    if os.environ.get("BENCH_SLICE_BACKWARD") == "1":
+        from sftjobs.steps import per_sample_attention
+
+        per_sample_attention.PIECEWISE_BACKWARD = False
+        print("[bench] per-sample attention: q/k/v sliced under autograd", flush=True)
     if os.environ.get("BENCH_SEGMENT_ATTN") == "1":
         from sftjobs.steps.per_sample_attention import install
 

@@ -43,6 +43,10 @@ DESCRIPTIONS = {
               "end to a multiple of 256 tokens (speed.cudnn_attention_bucket)",
     "Pflce": "P with only Liger's fused linear cross-entropy; RMSNorm, RoPE and SwiGLU as transformers has them "
              "(fewer Triton launches, less CPU per step)",
+    "Pslice": "P with per-sample attention's q/k/v sliced under autograd (sessions 1-6): each slice's backward is a "
+              "zero-filled full-size gradient, summed; P runs them as one node whose backward fills each slice",
+    "fastslice": "fast with per-sample attention's q/k/v sliced under autograd (sessions 1-6)",
+    "P_noovf": "P with DeepSpeed's bf16 check_grad_overflow off (no per-gradient inf/nan scan before the step)",
     "Ploop": "P with every sample through causal SDPA (no varlen calls; session 3's kernel)",
     "Pb": "P with balanced ranks but one sample per micro-step (no packing of a GPU's samples): session 2's P",
     "Ppad": "Pb with LLaMA-Factory's padding of every batch to a multiple of 8 (what P had before sftjobs' training "
@@ -144,6 +148,26 @@ def read_yaml(path: str) -> dict:
         return {}
 
 
+def phase_means(recs: list[dict], files: list[str], keep: list[int]) -> dict | None:
+    """lf_bench's per-step phases (DeepSpeed forward / backward / step; CPU and GPU ms), mean over the measured
+    steps: rank 0's, and the slowest rank's GPU span."""
+    out: dict = {}
+    for f, r in zip(files, recs, strict=True):
+        ph = r.get("phases") or []
+        steps = [ph[i] for i in keep if i < len(ph) and ph[i].get("gpu_span_ms") is not None]
+        if not steps:
+            continue
+        rank = os.path.basename(f)[len("timing_rank"):-len(".json")]
+        mean = lambda xs: round(sum(xs) / len(xs), 1)  # noqa: E731
+        names = sorted({k for s in steps for k in s["cpu_ms"]})
+        out[f"rank{rank}"] = {
+            "gpu_span": mean([s["gpu_span_ms"] for s in steps]), "cpu_span": mean([s["cpu_span_ms"] for s in steps]),
+            **{f"{k}_cpu": mean([s["cpu_ms"].get(k, 0.0) for s in steps]) for k in names},
+            **{f"{k}_gpu": mean([s["gpu_ms"].get(k, 0.0) for s in steps]) for k in names},
+            **{f"{k}_calls": mean([s["count"].get(k, 0) for s in steps]) for k in names}}
+    return out or None
+
+
 def harness_item(workdir: str, name: str, warm: int, n_params: int, peak: float, mean_tok: float | None) -> dict | None:
     od = os.path.join(workdir, f"out_{name}")
     if not os.path.isdir(od):
@@ -206,6 +230,9 @@ def harness_item(workdir: str, name: str, warm: int, n_params: int, peak: float,
                   "s_per_step_max": round(max(dt), 3), "tokens_per_step": round(ntok / n_meas),
                   "pad_fraction": round(1 - ntok / nall, 4) if nall else None, "tok_s_gpu": round(tps, 1),
                   "mfu": round(6 * n_params * tps / (peak * 1e12), 4) if peak else None})
+        ph = phase_means(recs, files, keep)
+        if ph:
+            d["phases_ms"] = ph
         if mean_tok:
             d["samples_per_step_est"] = round(ntok / n_meas / mean_tok, 1)
             d["proj_54k_x3_8gpu_h"] = round(HOURS_SAMPLES * EPOCHS * mean_tok / (tps * PROJ_GPUS) / 3600, 2)
@@ -296,7 +323,7 @@ def main() -> None:
         pass
     ngpu = len(gpus) or 1
     names = [os.path.basename(p)[4:] for p in sorted(glob.glob(os.path.join(workdir, "out_*")))]
-    known = ("A", "P", "Pnoskip", "Pskip", "Psplit", "Pcudnn", "Pflce", "Ploop", "Pb", "Ppad", "S", "SB", "S1B", "fast", "fastflash", "fastflce", "fastloop", "fastcudnn", "fastmask", "fastseg", "fastnr")
+    known = ("A", "P", "Pslice", "Pnoskip", "Pskip", "Psplit", "Pcudnn", "Pflce", "Ploop", "Pb", "Ppad", "S", "SB", "S1B", "fast", "fastslice", "fastflash", "fastflce", "fastloop", "fastcudnn", "fastmask", "fastseg", "fastnr")
     order = [n for n in known if n in names] + [n for n in names if n not in known]
     configs = {n: harness_item(workdir, n, warm, n_params, peak, mean_tok) for n in order}
     chain = chain_item(workdir, n_params, peak, mean_tok, ngpu)
@@ -345,8 +372,18 @@ def main() -> None:
         rows.append(f"| {n} | {c.get('gpus')} | {ms} | {c.get('s_per_step_mean')} ({c.get('s_per_step_median', '-')}) | "
                     f"{c.get('tokens_per_step')} | {c['tok_s_gpu']:.0f} | {mfu} | {mem} | {c.get('proj_54k_x3_8gpu_h')} | "
                     f"{c.get('speedup_vs_A', '-')} |")
+    prow = ["| item | rank | step GPU span | forward CPU / GPU | backward CPU / GPU | step CPU / GPU | calls f/b/s |",
+            "|---|---|---|---|---|---|---|"]
+    for n, c in configs.items():
+        for rank, p in sorted(((c or {}).get("phases_ms") or {}).items()):
+            g = lambda k, p=p: f"{p.get(k + '_cpu', '-')} / {p.get(k + '_gpu', '-')}"  # noqa: E731
+            prow.append(f"| {n} | {rank} | {p['gpu_span']} | {g('forward')} | {g('backward')} | {g('step')} | "
+                        f"{p.get('forward_calls', '-')}/{p.get('backward_calls', '-')}/{p.get('step_calls', '-')} |")
     md = (f"card: {card}; bf16 peak {peak} TFLOP/s; N = {n_params}; mean tokens/sample {mean_tok}\n\n" + "\n".join(rows)
           + f"\n\nspeedup (P/A, else S/A) = {res['speedup']}\n")
+    if len(prow) > 2:
+        md += ("\nPer optimizer step, mean ms over the measured steps (lf_bench's phases: DeepSpeed forward, backward, "
+               "step; CPU = Python time in the call, GPU = CUDA events around it):\n\n" + "\n".join(prow) + "\n")
     open(out_md, "w").write(md)
     print(md)
     print(json.dumps({k: v for k, v in res.items() if k != "configs"}, indent=1)[:3000])
