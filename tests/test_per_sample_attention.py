@@ -102,3 +102,72 @@ def test_lf_train_sets_the_bucket_and_the_longest_padded_length(tmp_path, monkey
     lf_train.install_cudnn_attention(128, str(config), ["cutoff_len=4096"])
     assert (psa.CUDNN_BUCKET, psa.CUDNN_MAX_LEN) == (128, 4096)
     assert lf_train.parse_args(["--cudnn-attention-bucket", "256", str(config)]).cudnn_attention_bucket == 256
+
+
+def packed_rows(rows, seed=0):
+    """q/k/v of packed rows (each a list of sample lengths, equal totals) in the model's layout, and position ids."""
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(rows[0])
+    q, k, v = (torch.randn(len(rows), total, h, 8, dtype=torch.float64, generator=gen).transpose(1, 2)
+               for h in (4, 2, 2))
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in rows])
+    return q, k, v, pos
+
+
+def attend_rows(rows, piecewise, monkeypatch, wrap=None):
+    """per_sample_sdpa's output and q/k/v gradients, with the piecewise backward on or off."""
+    monkeypatch.setattr(psa, "PIECEWISE_BACKWARD", piecewise)
+    q, k, v, pos = packed_rows(rows)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]  # the [1, L, H, D] memory layout kept
+
+    def attention(q, k, v):
+        return psa.per_sample_sdpa(None, q, k, v, None, position_ids=pos)[0]
+
+    out = (wrap or (lambda f, *a: f(*a)))(attention, *leaves)
+    weights = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    (out * weights).sum().backward()
+    return out.detach(), *(t.grad for t in leaves)
+
+
+@pytest.mark.parametrize("rows", [[[13, 5, 30]], [[48]], [[20, 28], [7, 7, 34]]], ids=["three", "one", "two_rows"])
+def test_the_piecewise_backward_gives_what_slicing_under_autograd_gives(rows, monkeypatch):
+    sliced = attend_rows(rows, False, monkeypatch)
+    piecewise = attend_rows(rows, True, monkeypatch)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), piecewise, sliced, strict=True):
+        assert torch.equal(a, b), (name, (a - b).abs().max().item())
+
+
+def test_the_piecewise_backward_leaves_other_samples_gradients_alone(monkeypatch):
+    """A loss on the first sample's outputs alone: no gradient on the other samples' q/k/v."""
+    monkeypatch.setattr(psa, "PIECEWISE_BACKWARD", True)
+    q, k, v, pos = packed_rows([[13, 5, 30]])
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = psa.per_sample_sdpa(None, *leaves, None, position_ids=pos)[0]
+    out[:, :13].sum().backward()
+    for t in leaves:
+        assert t.grad[:, :, :13].abs().sum() > 0 and not t.grad[:, :, 13:].any()
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+def test_the_piecewise_backward_under_gradient_checkpointing(reentrant, monkeypatch):
+    """Recompute (LLaMA-Factory's gradient checkpointing) re-runs the forward in the backward: same gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    plain = attend_rows([[13, 5, 30]], False, monkeypatch)
+
+    def wrap(f, *args):
+        return checkpoint(f, *args, use_reentrant=reentrant)
+
+    recomputed = attend_rows([[13, 5, 30]], True, monkeypatch, wrap)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), recomputed, plain, strict=True):
+        assert torch.equal(a, b), (name, (a - b).abs().max().item())
+
+
+def test_without_autograd_the_attention_is_not_wrapped(monkeypatch):
+    monkeypatch.setattr(psa, "PIECEWISE_BACKWARD", True)
+    q, k, v, pos = packed_rows([[13, 5, 30]])
+    with torch.no_grad():
+        out = psa.per_sample_sdpa(None, q, k, v, None, position_ids=pos)[0]
+    assert out.grad_fn is None
+    ref = attend_rows([[13, 5, 30]], False, monkeypatch)[0]
+    assert torch.equal(out, ref)

@@ -34,6 +34,8 @@ CUDNN_BUCKET = 0  # > 0: single samples through cuDNN's attention, padded to a m
 CUDNN_MAX_LEN = 16384  # the longest sample warm_cudnn builds cuDNN graphs for (cutoff_len)
 LOG = None  # where warm_cudnn reports how long the graphs took (lf_train's log)
 SPLIT = "split"  # row_pieces' mark for the half of a sample split over a GPU pair (split_attention)
+PIECEWISE_BACKWARD = True  # under autograd, one node whose backward fills each sample's slice (_piecewise); the
+# benchmark harness turns it off (BENCH_SLICE_BACKWARD=1) to time q/k/v sliced under autograd (sessions 1-6)
 
 
 @functools.lru_cache(maxsize=1)
@@ -89,21 +91,75 @@ def per_sample_sdpa(module, query, key, value, attention_mask, scaling=None, dro
     varlen = varlen_causal() if USE_VARLEN and flash_ok else None
     split = split_attention.CURRENT  # this rank's half of a sample split over a GPU pair: row 0 starts with it
     split_end = split_attention.half_length(split.length, split.half) if split is not None else 0
+    plan = row_pieces(bounds, query.device, varlen is not None, split_end)
+    call = functools.partial(attend_piece, scaling=scaling, split=split, varlen=varlen)
+    if PIECEWISE_BACKWARD and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        return _piecewise().apply(query, key, value, plan, call), None
     rows = []
-    for b, pieces in enumerate(row_pieces(bounds, query.device, varlen is not None, split_end)):
-        outs = []  # each [1, len, H, D]
-        for start, end, cu_seq, longest in pieces:
-            q, k, v = query[b:b + 1, :, start:end], key[b:b + 1, :, start:end], value[b:b + 1, :, start:end]
-            if cu_seq is SPLIT:
-                outs.append(split_attention.split_attention(q, k, v, split, scaling))
-            elif cu_seq is None:
-                outs.append(causal_sdpa(q, k, v, scaling).transpose(1, 2))
-            else:
-                q, k, v = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))  # [len, h, D]
-                outs.append(varlen(q, k, v, cu_seq, cu_seq, longest, longest, scale=scaling)[None])
+    for b, pieces in enumerate(plan):
+        outs = [call(*(t[b:b + 1, :, piece[0]:piece[1]] for t in (query, key, value)), piece) for piece in pieces]
         rows.append(torch.cat(outs, dim=1) if len(outs) > 1 else outs[0])
     out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
     return out.contiguous(), None
+
+
+def attend_piece(q, k, v, piece, scaling, split, varlen):
+    """One attention call of row_pieces' plan: q [1, H, n, D], k/v [1, Hkv, n, D] -> [1, n, H, D]."""
+    _, _, cu_seq, longest = piece
+    if cu_seq is SPLIT:
+        return split_attention.split_attention(q, k, v, split, scaling)
+    if cu_seq is None:
+        return causal_sdpa(q, k, v, scaling).transpose(1, 2)
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))  # [n, h, D]
+    return varlen(q, k, v, cu_seq, cu_seq, longest, longest, scale=scaling)[None]
+
+
+@functools.lru_cache(maxsize=1)
+def _piecewise():
+    """per_sample_sdpa under autograd as one node: each attention call of the plan runs on its sample's slice of
+    q/k/v (its own small graph), and the backward writes each call's q/k/v gradients into its slice of one
+    gradient tensor.
+
+    Slicing q/k/v under autograd instead costs, in the backward, a zero-filled full-size gradient per slice and a
+    sum of them: on 4x H100, ~16 SliceBackward nodes per layer and their kernels were a large part of prod's
+    backward CPU time (bench/README.md, session 7). The kernels that attend are the same, so are the results."""
+    import torch
+
+    class PiecewiseAttention(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, query, key, value, plan, call):
+            batch, _, length, _ = query.shape
+            out = query.new_empty(batch, length, query.shape[1], query.shape[3])
+            graphs = []
+            with torch.enable_grad():
+                for b, pieces in enumerate(plan):
+                    for piece in pieces:
+                        start, end = piece[0], piece[1]
+                        leaves = [t.detach()[b:b + 1, :, start:end].requires_grad_() for t in (query, key, value)]
+                        piece_out = call(*leaves, piece)
+                        out[b:b + 1, start:end].copy_(piece_out.detach())
+                        graphs.append((b, start, end, leaves, piece_out))
+            covered = sum(end - start for _, start, end, _, _ in graphs)
+            ctx.graphs, ctx.whole = graphs, covered == batch * length
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            graphs, ctx.graphs = ctx.graphs, None
+            b0, _, _, (q0, k0, v0), _ = graphs[0]
+            batch, length = grad.shape[0], grad.shape[1]
+            shapes = [(batch, t.shape[1], length, t.shape[3]) for t in (q0, k0, v0)]
+            make = torch.empty if ctx.whole else torch.zeros
+            # the gradients in the layout q/k/v have (views of [B, L, H, D] memory), so each slice takes a copy
+            grads = [make(s[0], s[2], s[1], s[3], dtype=grad.dtype, device=grad.device).transpose(1, 2)
+                     for s in shapes]
+            for b, start, end, leaves, piece_out in graphs:
+                parts = torch.autograd.grad(piece_out, leaves, grad[b:b + 1, start:end])
+                for full, part in zip(grads, parts, strict=True):
+                    full[b:b + 1, :, start:end].copy_(part)
+            return grads[0], grads[1], grads[2], None, None
+
+    return PiecewiseAttention
 
 
 def causal_sdpa(q, k, v, scale):
