@@ -33,6 +33,9 @@ Environment:
   BENCH_LIGER_KEEP=a,b  only these of Liger's Qwen2 kernels (rope, rms_norm, swiglu, cross_entropy,
                        fused_linear_cross_entropy); the rest stay transformers' own (Liger's Triton launches cost
                        ~100-270 us of CPU per call: session 3's P profile)
+  BENCH_GC=freeze     gc.freeze() at the start of training (objects made while loading never scanned again);
+  BENCH_GC=N          also Python's automatic collection off, gc.collect() every N optimizer steps instead (as
+                       Megatron's manual GC): a collection pauses one rank, and every rank waits for it
   BENCH_SLICE_BACKWARD=1 per-sample attention with q/k/v sliced under autograd (sessions 1-6), not as one node
                        whose backward fills each sample's slice (per_sample_attention.PIECEWISE_BACKWARD)
   BENCH_ATTN_LOOP=1    per-sample attention as causal SDPA once per sample, no varlen calls even for runs of
@@ -165,6 +168,7 @@ class StepTimer(TrainerCallback):
         self.rec = {"steps": [], "t": [], "tokens": [], "all_tokens": [], "t_train_begin": None, "mem_alloc_GiB": [],
                     "phases": []}
         self.begin = None
+        self.gc_every = 0
 
     @staticmethod
     def _sync():
@@ -182,6 +186,17 @@ class StepTimer(TrainerCallback):
             json.dump(rec, f)
 
     def on_train_begin(self, args, state, control, **kw):
+        mode = os.environ.get("BENCH_GC", "")
+        if mode:
+            import gc
+
+            gc.collect()
+            gc.freeze()
+            if mode.isdigit():
+                gc.disable()
+                self.gc_every = int(mode)
+            print(f"[bench] gc: frozen after loading{'; automatic collection off, every ' + mode + ' steps' if mode.isdigit() else ''}",
+                  flush=True)
         self._sync()
         self.rec["t_train_begin"] = time.perf_counter()
         if torch.cuda.is_available():
@@ -210,6 +225,10 @@ class StepTimer(TrainerCallback):
             state.num_input_tokens_seen += int(g[0])
             StepTimer.all_tokens += int(g[1])
         self.rec["phases"].append(Phases.take(self.begin))
+        if self.gc_every and state.global_step % self.gc_every == 0:
+            import gc
+
+            gc.collect()
         if self.prof is not None:
             self.prof.__exit__(None, None, None)
             wall = time.perf_counter() - self.t_prof
