@@ -12,6 +12,8 @@ runs of consecutive shorter samples go through one call of torch's flash varlen 
 compute the same thing (tests/test_per_sample_attention_gpu.py compares them on a GPU, outputs and gradients).
 With CUDNN_BUCKET (speed.cudnn_attention_bucket) a sample's own call runs cuDNN's kernel on the sample padded to
 a bucket length (causal_sdpa), ~1.7x flash's speed on an H100.
+Under autograd the calls of one forward are one node whose backward writes each call's gradients into its slice
+(_piecewise), not q/k/v slices each with their own full-size gradient.
 The collator is told to take its flash-attn path (no 4D mask; position ids restart per sample). A row that
 starts with half of a sample split over a GPU pair (speed.split_long_samples) hands that part to
 split_attention.py.
@@ -144,9 +146,10 @@ def _piecewise():
             return out
 
         @staticmethod
+        @torch.autograd.function.once_differentiable
         def backward(ctx, grad):
             graphs, ctx.graphs = ctx.graphs, None
-            b0, _, _, (q0, k0, v0), _ = graphs[0]
+            _, _, _, (q0, k0, v0), _ = graphs[0]
             batch, length = grad.shape[0], grad.shape[1]
             shapes = [(batch, t.shape[1], length, t.shape[3]) for t in (q0, k0, v0)]
             make = torch.empty if ctx.whole else torch.zeros
