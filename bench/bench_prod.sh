@@ -24,7 +24,7 @@
 #   Pslice   P with per-sample attention's q/k/v sliced under autograd (sessions 1-6), not one node whose backward
 #            fills each sample's slice (BENCH_SLICE_BACKWARD=1)
 #   Pflce    P with only Liger's fused linear cross-entropy (RMSNorm, RoPE, SwiGLU as transformers has them):
-#            less CPU per step (prepared in session 6, not run yet)
+#            less CPU per step (session 7 call 1: 11,132 vs P 12,088, slower)
 #   Ploop    P with every packed sample through SDPA, no varlen calls (session 3's P)
 #   Pb       P with balanced ranks but without packing each GPU's samples (session 2's P)
 #   Ppad     Pb without sftjobs' unpadded one-row batches (LLaMA-Factory pads to a multiple of 8 -> L x L mask)
@@ -231,19 +231,20 @@ for item in $ITEMS; do
     fastmask) lfrun fastmask fast "$LIMIT_FAST" "$STEPS_FAST" tok_neat "$PROPOSAL_ENV" --set deepspeed=z2 \
                 --set train.disable_gradient_checkpointing=false ;;
     P|Pb|Ppad|Ploop|Pskip|Psplit|Pnoskip|Pcudnn|Pflce|Pslice|PX:*|PS:*) name=$item$rep; patch=; XS=()
-       case $item in P|Psplit) mode="BENCH_PACK=1 BENCH_UNPAD=1 BENCH_SKIP_IDLE=1 BENCH_SPLIT=1" ;;
-                     Pcudnn) mode="BENCH_PACK=1 BENCH_UNPAD=1 BENCH_SKIP_IDLE=1 BENCH_SPLIT=1 BENCH_CUDNN_ATTN=${CUDNN_BUCKET:-256}" ;;
-                     Pflce) mode="BENCH_PACK=1 BENCH_UNPAD=1 BENCH_SKIP_IDLE=1 BENCH_SPLIT=1 BENCH_LIGER_KEEP=fused_linear_cross_entropy" ;;
-                     Pslice) mode="BENCH_PACK=1 BENCH_UNPAD=1 BENCH_SKIP_IDLE=1 BENCH_SPLIT=1 BENCH_SLICE_BACKWARD=1" ;;
+       prod="BENCH_PACK=1 BENCH_UNPAD=1 BENCH_SKIP_IDLE=1 BENCH_SPLIT=1"  # P's harness switches: what configs/prod.yaml's speed section turns on
+       case $item in P|Psplit) mode=$prod ;;
+                     Pcudnn) mode="$prod BENCH_CUDNN_ATTN=${CUDNN_BUCKET:-256}" ;;
+                     Pflce) mode="$prod BENCH_LIGER_KEEP=fused_linear_cross_entropy" ;;
+                     Pslice) mode="$prod BENCH_SLICE_BACKWARD=1" ;;
                      Pb) mode="BENCH_BALANCE=1 BENCH_UNPAD=1" ;;
-                     Ploop) mode="BENCH_PACK=1 BENCH_UNPAD=1 BENCH_SKIP_IDLE=1 BENCH_SPLIT=1 BENCH_ATTN_LOOP=1" ;;
+                     Ploop) mode="$prod BENCH_ATTN_LOOP=1" ;;
                      Pskip) mode="BENCH_PACK=1 BENCH_UNPAD=1 BENCH_SKIP_IDLE=1" ;;
                      Pnoskip) mode="BENCH_PACK=1 BENCH_UNPAD=1" ;;
                      Ppad) mode="BENCH_BALANCE=1" ;;
-                     PX:*) mode="BENCH_PACK=1 BENCH_UNPAD=1 BENCH_SKIP_IDLE=1 BENCH_SPLIT=1"; name=P_${item#PX:}$rep
+                     PX:*) mode=$prod; name=P_${item#PX:}$rep
                            patch=bench/experiments/${item#PX:}.ds.json ;;
                      PS:*) n=${item#PS:}; name=P_$n$rep; sets_arr "bench/experiments/$n.sets" XS
-                           mode="BENCH_PACK=1 BENCH_UNPAD=1 BENCH_SKIP_IDLE=1 BENCH_SPLIT=1 $(cat "bench/experiments/$n.env" 2>/dev/null)"
+                           mode="$prod $(cat "bench/experiments/$n.env" 2>/dev/null)"
                            patch=bench/experiments/$n.ds.json ;; esac
        DSPATCH=$patch lfrun "$name" prod "$LIMIT_S" "$STEPS_S" tok_nopack "$PROPOSAL_ENV $mode ${P_ENV:-}" \
          --set "batch.global_size=$((2 * NG))" --set "resources.gpu_memory_gib=$GPU_GIB" "${XS[@]}"
