@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sftjobs.errors import SftjobsError
 from sftjobs.executors.base import Executor, Request, StepState
-from sftjobs.plan import Plan, Step
+from sftjobs.planning.dag import Plan, Step
 
 SQUEUE_FORMAT = "%i|%j|%T|%r|%D|%N|%M|%l"
 SACCT_FIELDS = "JobID,JobName,State,ExitCode,Elapsed,NNodes,NodeList,Reason"
