@@ -37,6 +37,7 @@ def cmd_profiles(args: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     from sftjobs.planning.dag import build_plan
     from sftjobs.planning.memory import summary_line
+    from sftjobs.planning.run import plan_run
     from sftjobs.profile import load_profile
     from sftjobs.render import memory_plan_of, render_files, write_run_dir
     from sftjobs.runs import jobs_dir, new_run_id
@@ -45,7 +46,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     plan = build_plan(profile, dry_run_first=args.dry_run_first)
     run_id = new_run_id(profile.name)
     out = Path(args.out).absolute() if args.out else jobs_dir() / "rendered" / run_id
-    files = render_files(profile, plan, out, run_id)
+    files = render_files(plan_run(profile, plan, out, run_id))
     written = write_run_dir(files, out)
     print(f"rendered {profile.name} into {out} ({len(written)} files):")
     memory = memory_plan_of(files)
@@ -148,9 +149,9 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from sftjobs.runs import find_run, read_manifest
+    from sftjobs import executors
+    from sftjobs.runs import find_run, read_manifest, record_event
     from sftjobs.status import collect
-    from sftjobs.submit import executor_for_manifest, record_event
 
     run_dir = find_run(args.run)
     manifest = read_manifest(run_dir)
@@ -159,7 +160,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     if not live:
         print(f"run {manifest['run_id']}: nothing to cancel (no live step)")
         return 0
-    executor_for_manifest(manifest).cancel(run_dir, [r.job_id for r in live])
+    executors.for_manifest(manifest).cancel(run_dir, [r.job_id for r in live])
     record_event(run_dir, "cancelled", steps=[r.step for r in live])
     print(f"run {manifest['run_id']}: cancelled {', '.join(f'{r.step} ({r.job_id})' for r in live)}")
     return 0

@@ -18,15 +18,15 @@ from typing import Any
 
 import yaml
 
+from sftjobs.datasets import DATASET_NAMES
 from sftjobs.errors import SftjobsError
-from sftjobs.planning.memory import global_size_problem
+from sftjobs.planning.batch import global_size_problem
 from sftjobs.resources import shipped_dir
 
 DEEPSPEED_CHOICES = ("none", "z0", "z1", "z2", "z2_offload", "z3", "z3_offload", "auto")
 EXECUTOR_CHOICES = ("auto", "slurm", "local", "debug")
 SOURCE_CHOICES = ("hub", "path", "synthetic")
 SHAPE_CHOICES = ("sharegpt", "alpaca", "auto")
-DATASET_NAMES = ("arpo_sft_54k", "arpo_sft_toy")
 # Slurm --time forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S
 _TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
 _MEM_RE = re.compile(r"^\d+[KMGT]?$")

@@ -1,4 +1,4 @@
-"""Plan -> the files of a run directory. Pure text first (``render_files``), then one atomic write each.
+"""Planned run -> the files of a run directory. Pure text first (``render_files``), then one atomic write each.
 
 ``sftjobs render`` and ``sftjobs submit`` both go through ``render_files``, so what a preview shows is what
 the nodes run.
@@ -8,91 +8,25 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import yaml
 
+from sftjobs.datasets import dataset_info
 from sftjobs.errors import SftjobsError
 from sftjobs.fsutil import atomic_write_text
-from sftjobs.planning.dag import Plan
-from sftjobs.planning.memory import apply_plan, plan_memory
+from sftjobs.planning.batch import dry_run_steps
+from sftjobs.planning.paths import RunPaths
+from sftjobs.planning.run import PlannedRun
 from sftjobs.profile import Profile
-from sftjobs.resources import shipped_dir
+from sftjobs.templating import render_template
 
-SHAREGPT_COLUMNS = {"messages": "conversations", "system": "system"}
-ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "system": "system"}
-DATASET_FILES = {"arpo_sft_54k": "arpo_sft_54k.jsonl", "arpo_sft_toy": "arpo_sft_toy.jsonl"}
 DEEPSPEED_STAGES = {"z0": (0, False), "z1": (1, False), "z2": (2, False), "z2_offload": (2, True), "z3": (3, False),
                     "z3_offload": (3, True)}
 EXECUTABLE = 0o755
 REGULAR = 0o644
-
-
-def _yaml_scalar(value: Any) -> str:
-    """One YAML value on one line, quoted when YAML would misread it (e.g. "yes", "1e-5", ": ")."""
-    text = yaml.safe_dump({"k": value}, default_flow_style=True, width=1 << 30, allow_unicode=True).strip()
-    return text[len("{k: "):-1]
-
-
-def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(shipped_dir("templates"))),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        autoescape=False,
-    )
-    env.filters["sh"] = lambda v: shlex.quote(str(v))
-    env.filters["yaml"] = _yaml_scalar
-    return env
-
-
-def render_template(name: str, **context: Any) -> str:
-    return _environment().get_template(name).render(**context)
-
-
-def absolute(path: str, base: Path) -> str:
-    """Profile paths are relative to where sftjobs is run; rendered files carry absolute ones."""
-    return os.path.normpath(os.path.join(str(base), os.path.expanduser(path)))
-
-
-class RunPaths:
-    """The absolute paths a run's files point at."""
-
-    def __init__(self, profile: Profile, run_dir: Path, base: Path, run_id: str):
-        v = profile.values
-        self.run_dir = str(run_dir)
-        model = v["model"]
-        self.model_dir = absolute(model["path"] if model["source"] == "path" else model["local_dir"], base)
-        self.data_dir = absolute(v["data"]["dir"], base)
-        # "{run_id}" in output_dir gives each run its own checkpoints (the demo); without it a new run into the
-        # same output_dir resumes from what is there, as LLaMA-Factory does.
-        self.output_dir = absolute(v["output_dir"].replace("{run_id}", run_id), base)
-        self.dry_run_output_dir = self.output_dir.rstrip("/") + "-dry-run"
-        self.dataset_dir = os.path.join(self.run_dir, "dataset")
-        self.deepspeed_config = os.path.join(self.run_dir, "deepspeed.json") if v["deepspeed"] != "none" else None
-        self.datasets_cache = os.path.join(self.data_dir, ".hf_datasets_cache")
-        self.tokenized_path = os.path.join(self.run_dir, "tokenized")
-        self.data_path = absolute(v["data"]["path"], base) if v["data"]["path"] else None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
-
-
-def world_size(profile: Profile) -> int:
-    res = profile.values["resources"]
-    return res["nodes"] * max(res["gpus_per_node"], 1)
-
-
-def dry_run_steps(profile: Profile) -> int:
-    """Optimizer steps that show the dry run dry_run.max_samples samples (never more than the full run has)."""
-    train = profile.train
-    per_step = world_size(profile) * train.get("per_device_train_batch_size", 1) * train.get("gradient_accumulation_steps", 1)
-    samples = min(profile.values["dry_run"]["max_samples"], train.get("max_samples") or 10**12)
-    return max(1, -(-samples // per_step))
 
 
 def training_config(profile: Profile, paths: RunPaths, target: str) -> dict[str, Any]:
@@ -121,31 +55,20 @@ def training_config(profile: Profile, paths: RunPaths, target: str) -> dict[str,
     }
 
 
-def dataset_info(shape: str, data_dir: str) -> str:
-    """dataset_info.json for LLaMA-Factory; shape "auto" registers sharegpt until the data step detects otherwise."""
-    shape = "alpaca" if shape == "alpaca" else "sharegpt"
-    entries = [{"name": name, "file_name": os.path.join(data_dir, file)} for name, file in DATASET_FILES.items()]
-    columns = ALPACA_COLUMNS if shape == "alpaca" else SHAREGPT_COLUMNS
-    text = render_template("dataset_info.json.j2", entries=entries, shape=shape, columns=columns)
-    json.loads(text)  # a template bug must not reach LLaMA-Factory
-    return text
-
-
-def render_files(profile: Profile, plan: Plan, run_dir: Path, run_id: str, base: Path | None = None) -> dict[str, str]:
+def render_files(run: PlannedRun) -> dict[str, str]:
     """Every file of the run directory as text, keyed by path relative to the run directory.
 
-    With deepspeed: auto or batch.global_size the memory plan decides the stage, gradient accumulation and
-    recompute of the rendered files (``run``); profile.yaml keeps the profile as written.
+    ``run`` is the planned run (sftjobs.planning.run): with deepspeed: auto or batch.global_size its memory plan
+    has already decided the stage, gradient accumulation and recompute (``run.effective``); profile.yaml keeps
+    the profile as written (``run.profile``).
     """
-    base = base or Path.cwd()
-    paths = RunPaths(profile, run_dir, base, run_id)
-    memory = plan_memory(profile, paths.model_dir)
-    run = apply_plan(profile, memory)
-    v = run.values
+    profile, plan, paths, memory, run_id = run.profile, run.plan, run.paths, run.memory, run.run_id
+    effective = run.effective
+    v = effective.values
     files: dict[str, str] = {}
     for target, name in (("full", "llamafactory/train.yaml"), ("dry_run", "llamafactory/dry_run.yaml")):
         text = render_template("llamafactory.yaml.j2", profile_name=profile.name, target=target,
-                               **training_config(run, paths, target))
+                               **training_config(effective, paths, target))
         yaml.safe_load(text)
         files[name] = text
     if v["deepspeed"] != "none":

@@ -66,3 +66,9 @@ def find_run(ref: str | None) -> Path:
     if not matches:
         raise SftjobsError(f"no run {ref!r} in {jobs_dir()}. `sftjobs status` lists the runs.")
     raise SftjobsError(f"{ref!r} matches several runs ({', '.join(m.name for m in matches[:5])}); give more of the id.")
+
+
+def record_event(run_dir: Path, event: str, **fields) -> None:
+    manifest = read_manifest(run_dir)
+    manifest.setdefault("history", []).append({"time": time.time(), "event": event, **fields})
+    write_manifest(run_dir, manifest)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sftjobs import executors
 from sftjobs.errors import SftjobsError
 from sftjobs.executors.base import StepState
 from sftjobs.fsutil import atomic_write_text, read_json
@@ -109,13 +110,11 @@ def step_marker(run_dir: Path, step: str) -> dict[str, Any] | None:
 
 
 def run_states(run_dir: Path, manifest: dict[str, Any], slurm_snapshot: dict[str, StepState] | None) -> dict[str, StepState]:
-    from sftjobs.submit import executor_for_manifest
-
     jobs = manifest.get("jobs", {})
     if manifest["executor"] == "slurm" and slurm_snapshot is not None:
         states = {step: slurm_snapshot.get(job_id, StepState("UNKNOWN")) for step, job_id in jobs.items()}
     else:
-        states = executor_for_manifest(manifest).states(run_dir, jobs)
+        states = executors.for_manifest(manifest).states(run_dir, jobs)
     for step, state in states.items():
         if state.state == "UNKNOWN":  # neither squeue nor sacct knows: the step's own record does
             marker = step_marker(run_dir, step)
@@ -136,9 +135,7 @@ def mend_broken_chain(run_dir: Path, manifest: dict[str, Any], states: dict[str,
     first = failed[0]
     victims = [name for name in plan.dependants(first) if name in states and states[name].live]
     if victims and manifest.get("executor") == "slurm":
-        from sftjobs.executors.slurm import SlurmExecutor
-
-        SlurmExecutor(need_sbatch=False).cancel(run_dir, [manifest["jobs"][v] for v in victims])
+        executors.backend("slurm").cancel(run_dir, [manifest["jobs"][v] for v in victims])
         for victim in victims:
             states[victim].state = "CANCELLED"
             states[victim].reason = f"DependencyNeverSatisfied: {first} {states[first].state}"
@@ -164,9 +161,7 @@ def collect(run_dirs: list[Path]) -> tuple[list[StepRow], list[str]]:
     slurm_ids = [j for run_dir, m in manifests if m.get("executor") == "slurm" and not (run_dir / FINAL_STATES).exists()
                  for j in m.get("jobs", {}).values()]
     if slurm_ids:
-        from sftjobs.executors.slurm import SlurmExecutor
-
-        snapshot = SlurmExecutor.snapshot(slurm_ids)
+        snapshot = executors.backend("slurm").snapshot(slurm_ids)
     rows: list[StepRow] = []
     notes: list[str] = []
     for run_dir, manifest in manifests:

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sftjobs import __version__
+from sftjobs import __version__, executors
 from sftjobs.errors import SftjobsError
 from sftjobs.executors.base import Executor
 from sftjobs.planning.dag import Plan, build_plan
 from sftjobs.planning.memory import summary_line
+from sftjobs.planning.run import plan_run
 from sftjobs.profile import Profile, load_profile
 from sftjobs.render import memory_plan_of, render_files, write_run_dir
 from sftjobs.runs import new_run_id, read_manifest, write_manifest
@@ -21,37 +21,11 @@ from sftjobs.runs import run_dir as run_dir_for
 from sftjobs.steps.preflight import library_versions  # metadata only: imports nothing heavy
 
 
-def choose_executor(requested: str) -> tuple[str, str]:
-    """The executor name and why it was chosen."""
-    if requested != "auto":
-        return requested, f"asked for {requested}"
-    if shutil.which("sbatch"):
-        return "slurm", f"sbatch found at {shutil.which('sbatch')}"
-    return "local", "no sbatch on PATH, so the chain runs on this machine"
-
-
 def make_executor(name: str, profile: Profile) -> Executor:
-    if name == "slurm":
-        from sftjobs.executors.slurm import SlurmExecutor
-
-        return SlurmExecutor()
-    from sftjobs.executors.local import DebugExecutor, LocalExecutor
-
-    if profile.values["resources"]["nodes"] > 1:
+    if name in executors.ON_THIS_MACHINE and profile.values["resources"]["nodes"] > 1:
         raise SftjobsError(f"the {name} executor runs on this machine only, but resources.nodes is "
                            f"{profile.values['resources']['nodes']}. Use --executor slurm or --set resources.nodes=1.")
-    return DebugExecutor() if name == "debug" else LocalExecutor()
-
-
-def executor_for_manifest(manifest: dict, submitting: bool = False) -> Executor:
-    """The backend a run was submitted with; tracking it needs only squeue / sacct / scancel, not sbatch."""
-    if manifest["executor"] == "slurm":
-        from sftjobs.executors.slurm import SlurmExecutor
-
-        return SlurmExecutor(need_sbatch=submitting)
-    from sftjobs.executors.local import DebugExecutor, LocalExecutor
-
-    return DebugExecutor() if manifest["executor"] == "debug" else LocalExecutor()
+    return executors.backend(name, submitting=True)
 
 
 def project_commit() -> str | None:
@@ -77,12 +51,12 @@ class Prepared:
 
 def prepare(profile_ref: str, overrides: list[str], dry_run_first: bool, executor: str | None) -> Prepared:
     profile = load_profile(profile_ref, overrides)
-    name, why = choose_executor(executor or profile.values["resources"]["executor"])
+    name, why = executors.choose(executor or profile.values["resources"]["executor"])
     backend = make_executor(name, profile)
     plan = build_plan(profile, dry_run_first=dry_run_first)
     run_id = new_run_id(profile.name)
     run_dir = run_dir_for(run_id)
-    return Prepared(profile, plan, run_id, run_dir, render_files(profile, plan, run_dir, run_id), backend, name, why)
+    return Prepared(profile, plan, run_id, run_dir, render_files(plan_run(profile, plan, run_dir, run_id)), backend, name, why)
 
 
 def preview(p: Prepared) -> str:
@@ -148,12 +122,6 @@ def submit(p: Prepared) -> dict:
     return manifest
 
 
-def record_event(run_dir: Path, event: str, **fields) -> None:
-    manifest = read_manifest(run_dir)
-    manifest.setdefault("history", []).append({"time": time.time(), "event": event, **fields})
-    write_manifest(run_dir, manifest)
-
-
 def resume(run_dir: Path) -> tuple[dict, list[str]]:
     """Resubmit the steps of a run that did not complete; completed steps stay done, training resumes
     from the newest complete checkpoint."""
@@ -173,7 +141,7 @@ def resume(run_dir: Path) -> tuple[dict, list[str]]:
                  for s in plan.steps if s.name not in done])
     if not todo.steps:
         return manifest, []
-    backend = executor_for_manifest(manifest, submitting=True)
+    backend = executors.for_manifest(manifest, submitting=True)
     for name in (s.name for s in todo.steps):  # the steps' own records of the earlier attempt
         (run_dir / "reports" / "status" / f"{name}.json").unlink(missing_ok=True)
     new_jobs = backend.submit(todo, run_dir)

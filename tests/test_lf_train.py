@@ -125,7 +125,7 @@ def test_skipped_idle_micro_steps_train_the_same_steps_under_deepspeed_zero2(lf_
     """Real DeepSpeed ZeRO-2 (sftjobs' own template; gloo on the CPU): gradients are reduce-scattered in every
     micro-step's backward and DeepSpeed is told the accumulation boundary by accelerate. Skipping the micro-steps
     that are idle on both ranks gives the losses and gradient norms of the plain order."""
-    from sftjobs.render import render_template
+    from sftjobs.templating import render_template
 
     ds = lf_setup / "ds_z2.json"
     ds.write_text(render_template("deepspeed.json.j2", stage=2, offload=False))
@@ -144,7 +144,7 @@ def test_long_samples_split_over_a_rank_pair_train_the_same_steps(lf_setup):
     """A step's longest sample split over the two ranks (half each, attention across the pair): the losses and
     gradient norms of the plain order, without DeepSpeed and under real DeepSpeed ZeRO-2 (gloo on the CPU).
     One sample per rank and step (ga 1), so that most steps have a sample to split."""
-    from sftjobs.render import render_template
+    from sftjobs.templating import render_template
 
     plain, _ = train(lf_setup, "plain_s", "gradient_accumulation_steps=1", ranks=2, port=29649)
     split, err = train(lf_setup, "split", "--pack-rank-samples", "--split-long-samples",

@@ -13,6 +13,7 @@ from sftjobs.cli import main
 from sftjobs.errors import SftjobsError
 from sftjobs.planning import memory as mp
 from sftjobs.planning.dag import build_plan
+from sftjobs.planning.run import plan_run
 from sftjobs.profile import load_profile
 from sftjobs.render import render_files
 from tests.test_render_golden import render
@@ -238,7 +239,7 @@ def test_render_uses_the_plan_and_plan_json_records_it(in_tmp):
     prof = load_profile("prod", ["deepspeed=auto", f"model.local_dir={in_tmp / 'm'}"])
     (in_tmp / "m").mkdir()
     (in_tmp / "m" / "config.json").write_text(json.dumps({**QWEN25_3B_CONFIG, "num_hidden_layers": 2}))
-    files = render_files(prof, build_plan(prof), in_tmp / "run", "r1", base=in_tmp)
+    files = render_files(plan_run(prof, build_plan(prof), in_tmp / "run", "r1", base=in_tmp))
     memory = json.loads(files["plan.json"])["memory_plan"]
     assert memory["inputs"]["shape_source"] == str(in_tmp / "m" / "config.json") and memory["inputs"]["shape"]["layers"] == 2
 
@@ -273,7 +274,7 @@ def test_step_context_carries_the_plan(in_tmp):
 
     prof = load_profile("toy", ["deepspeed=auto"])
     run_dir = in_tmp / "run"
-    write_run_dir(render_files(prof, build_plan(prof), run_dir, "r"), run_dir)
+    write_run_dir(render_files(plan_run(prof, build_plan(prof), run_dir, "r")), run_dir)
     ctx = StepContext.load(run_dir, "preflight")
     assert ctx.profile["deepspeed"] == "auto" and ctx.memory_plan["mode"] == "auto"
     assert ctx.memory_plan["inputs"]["params"] == 494_032_768
@@ -289,7 +290,7 @@ def test_llamafactory_and_deepspeed_accept_what_auto_rendered(in_tmp):
 
     prof = load_profile("prod", ["deepspeed=auto", "train.enable_liger_kernel=true"])
     run_dir = in_tmp / "run"
-    write_run_dir(render_files(prof, build_plan(prof), run_dir, "r", base=Path(in_tmp)), run_dir)
+    write_run_dir(render_files(plan_run(prof, build_plan(prof), run_dir, "r", base=Path(in_tmp))), run_dir)
     cfg = yaml.safe_load((run_dir / "llamafactory" / "train.yaml").read_text())
     assert cfg["disable_gradient_checkpointing"] is True
     preflight.check_training_yaml(cfg)  # LLaMA-Factory's own parser, with the key the plan added

@@ -13,6 +13,7 @@ import yaml
 from sftjobs.errors import SftjobsError
 from sftjobs.node.context import StepContext
 from sftjobs.planning.dag import build_plan
+from sftjobs.planning.run import plan_run
 from sftjobs.profile import load_profile
 from sftjobs.render import render_files, write_run_dir
 from sftjobs.steps import preflight
@@ -33,7 +34,7 @@ def render_run(tmp_path: Path, profile: str, overrides: list[str] | None = None,
     prof = load_profile(profile, overrides or [])
     plan = build_plan(prof, dry_run_first=dry_run_first)
     run_dir = tmp_path / name
-    write_run_dir(render_files(prof, plan, run_dir, f"{profile}-test", base=tmp_path), run_dir)
+    write_run_dir(render_files(plan_run(prof, plan, run_dir, f"{profile}-test", base=tmp_path)), run_dir)
     return run_dir
 
 

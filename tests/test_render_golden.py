@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from sftjobs.planning.dag import build_plan
+from sftjobs.planning.run import plan_run
 from sftjobs.profile import load_profile
 from sftjobs.render import render_files
 from tests.conftest import REPO
@@ -21,7 +22,7 @@ GOLDEN = Path(__file__).parent / "golden"
 def render(name, dry_run_first, overrides=()):
     profile = load_profile(name, ["launcher.python=/usr/bin/python3", *overrides])
     plan = build_plan(profile, dry_run_first=dry_run_first)
-    files = render_files(profile, plan, Path("/RUN"), "golden", base=Path("/BASE"))
+    files = render_files(plan_run(profile, plan, Path("/RUN"), "golden", base=Path("/BASE")))
     return {rel: text.replace(str(REPO), "<REPO>") for rel, text in files.items()}
 
 
@@ -80,8 +81,8 @@ def test_prod_resources_and_deepspeed(in_tmp):
     # the plan's own config stays one --set file away (bench item A)
     sets = [line for line in (REPO / "bench" / "plan_config.sets").read_text().splitlines()
             if line.strip() and not line.startswith("#")]
-    plan_files = render_files(load_profile("prod", sets), build_plan(load_profile("prod", sets)), Path("/RUN"), "p",
-                              base=Path("/BASE"))
+    plan_files = render_files(plan_run(load_profile("prod", sets), build_plan(load_profile("prod", sets)), Path("/RUN"), "p",
+                              base=Path("/BASE")))
     plan_ds = json.loads(plan_files["deepspeed.json"])["zero_optimization"]
     assert plan_ds["stage"] == 3 and plan_ds["offload_optimizer"]["device"] == "cpu"
     assert plan_ds["offload_param"]["device"] == "cpu" and "memory_plan" not in json.loads(plan_files["plan.json"])
@@ -112,8 +113,8 @@ def test_dataset_info_has_both_entries(in_tmp):
 def test_run_id_in_output_dir_gives_each_run_its_own_checkpoints(in_tmp):
     profile = load_profile("demo")
     plan = build_plan(profile)
-    first = yaml.safe_load(render_files(profile, plan, Path("/RUN1"), "demo-a", base=Path("/B"))["llamafactory/train.yaml"])
-    second = yaml.safe_load(render_files(profile, plan, Path("/RUN2"), "demo-b", base=Path("/B"))["llamafactory/train.yaml"])
+    first = yaml.safe_load(render_files(plan_run(profile, plan, Path("/RUN1"), "demo-a", base=Path("/B")))["llamafactory/train.yaml"])
+    second = yaml.safe_load(render_files(plan_run(profile, plan, Path("/RUN2"), "demo-b", base=Path("/B")))["llamafactory/train.yaml"])
     assert first["output_dir"] == "/B/checkpoints/demo/demo-a" and second["output_dir"] == "/B/checkpoints/demo/demo-b"
     toy = load_profile("toy")  # the plan's stages keep one output_dir, so a new run resumes what is there
     assert "{run_id}" not in toy.values["output_dir"]

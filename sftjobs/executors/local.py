@@ -163,7 +163,7 @@ class DebugExecutor(LocalExecutor):
         return [Request(s.name, s.after, f"in-process: sftjobs.steps {s.name} --run-dir {run_dir}") for s in plan.steps]
 
     def submit(self, plan: Plan, run_dir: Path) -> dict[str, str]:
-        from sftjobs.steps.__main__ import main as step_main
+        from sftjobs.node.runtime import main as step_main
 
         state = ChainState(run_dir)
         state.write(initial_state(plan, os.getpid()))

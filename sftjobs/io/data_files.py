@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
+from sftjobs import datasets
 from sftjobs.errors import SftjobsError
 from sftjobs.fsutil import atomic_write_json
 from sftjobs.io.model_files import env_token
@@ -529,8 +530,8 @@ def prepare_data(
     *,
     toy_samples: int,
     max_bad_fraction: float,
-    full_name: str = "arpo_sft_54k",
-    toy_name: str = "arpo_sft_toy",
+    full_name: str = datasets.FULL,
+    toy_name: str = datasets.TOY,
     expected_shape: str | None = None,
     log: Log = print,
 ) -> dict[str, Any]:

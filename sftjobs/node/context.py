@@ -66,3 +66,23 @@ class StepContext:
     @property
     def node_rank(self) -> int:
         return int(os.environ.get("SLURM_NODEID", os.environ.get("NODE_RANK", "0")) or 0)
+
+    def dataset_rows(self, name: str, file: Path) -> int:
+        """Rows of the registered file: from the data step's report when it has them, else counted."""
+        try:
+            report = json.loads(self.report_path("data").read_text(encoding="utf-8"))
+            rows = report.get("outputs", {}).get(name, {}).get("rows")
+            if isinstance(rows, int) and rows > 0:
+                return rows
+        except (OSError, ValueError, AttributeError):
+            pass
+        try:
+            from sftjobs.io.data_files import sniff_container
+
+            if sniff_container(file) == "jsonl":
+                with open(file, "rb") as handle:
+                    return sum(1 for line in handle if line.strip())
+            with open(file, encoding="utf-8") as handle:
+                return len(json.load(handle))
+        except (OSError, ValueError):
+            return 0

@@ -10,9 +10,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from sftjobs.io.trainer_log import read_trainer_log
 from sftjobs.node.context import StepContext
-from sftjobs.steps.preflight import _dataset_rows, training_steps
-from sftjobs.steps.validate import read_trainer_log
+from sftjobs.planning.batch import optimizer_steps, world_size
 
 MARGIN = 1.5           # the full run's steps are longer on average than a 63-step sample suggests
 FIXED_MINUTES = 30     # start-up, loading the tokenized data, checkpoint saves
@@ -54,12 +54,12 @@ def estimate(ctx: StepContext) -> dict[str, Any] | None:
         return None
     full = ctx.training_config("full")
     train = next(s for s in ctx.plan.steps if s.kind == "train" and s.target == "full")
-    world = train.resources.nodes * max(train.resources.gpus_per_node, 1)
+    world = world_size(vars(train.resources))
     dataset = full["dataset"]
     info_file = Path(ctx.paths["data_dir"]) / f"{dataset}.jsonl"
-    rows = _dataset_rows(ctx, dataset, info_file)
+    rows = ctx.dataset_rows(dataset, info_file)
     samples = min(rows, full.get("max_samples") or rows)
-    steps = training_steps(samples, world, full.get("per_device_train_batch_size", 1),
+    steps = optimizer_steps(samples, world, full.get("per_device_train_batch_size", 1),
                            full.get("gradient_accumulation_steps", 1), full.get("num_train_epochs", 3.0),
                            full.get("max_steps"))
     minutes = math.ceil(steps * per_step * MARGIN / 60) + FIXED_MINUTES

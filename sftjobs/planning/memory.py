@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from sftjobs.errors import SftjobsError
 from sftjobs.io.demo_assets import DEMO_TOKENIZER_VOCAB, SYNTHETIC_SHAPES
+from sftjobs.planning.batch import HF_DEFAULT_BATCH, gradient_accumulation, world_size
 
 if TYPE_CHECKING:
     from sftjobs.profile import Profile
@@ -29,7 +30,6 @@ GIB = 2**30
 HEADROOM = 0.10          # of the GPU's memory, kept free
 FRAGMENTATION = 0.05     # the caching allocator's reserved-but-unused share on top of the allocated peak
 OVERHEAD_GIB = 2.5       # CUDA context, cuBLAS workspaces and NCCL buffers: outside torch's allocator
-HF_DEFAULT_BATCH = 8     # transformers' per_device_train_batch_size when the profile sets none
 LF_DEFAULT_CUTOFF = 2048  # LLaMA-Factory 0.9.5's cutoff_len default
 
 # Speed order: no recompute before recompute (recompute costs ~1/3 more compute), then the least sharding
@@ -248,40 +248,6 @@ def estimate(s: ModelShape, stage: str, recompute: bool, world: int, w: Workload
 
 def label(stage: str, recompute: bool) -> str:
     return f"{stage}, {'recompute' if recompute else 'no recompute'}"
-
-
-# ----------------------------------------------------------------------------- batch layout
-
-
-def world_size(resources: dict[str, Any]) -> int:
-    """Training processes: nodes x GPUs per node (one process for a CPU run)."""
-    return resources["nodes"] * max(resources["gpus_per_node"], 1)
-
-
-def global_size_problem(values: dict[str, Any]) -> str | None:
-    """Why batch.global_size cannot be split over the GPUs at the profile's batch size, or None."""
-    size = values["batch"]["global_size"]
-    if size is None:
-        return None
-    world = world_size(values["resources"])
-    bs = values["train"].get("per_device_train_batch_size", HF_DEFAULT_BATCH)
-    step = world * bs
-    if size % step == 0:
-        return None
-    lower, upper = (size // step) * step, (size // step + 1) * step
-    nearest = (f"{lower} (ga {lower // step}) or {upper} (ga {upper // step})" if lower else f"{upper} (ga 1)")
-    return (f"batch.global_size {size} does not split over {world} GPU(s) x per_device_train_batch_size {bs} = "
-            f"{step} samples per micro-step: use batch.global_size {nearest}, or a GPU count / batch size that "
-            f"divides {size}")
-
-
-def gradient_accumulation(values: dict[str, Any]) -> int:
-    size = values["batch"]["global_size"]
-    if size is None:
-        return values["train"].get("gradient_accumulation_steps", 1)
-    if problem := global_size_problem(values):
-        raise SftjobsError(problem)
-    return size // (world_size(values["resources"]) * values["train"].get("per_device_train_batch_size", HF_DEFAULT_BATCH))
 
 
 # ----------------------------------------------------------------------------- the plan

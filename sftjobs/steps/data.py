@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sftjobs.datasets import dataset_info
 from sftjobs.fsutil import atomic_write_text
 from sftjobs.io.data_files import download_data_file, prepare_data
 from sftjobs.node.context import StepContext
-from sftjobs.render import dataset_info
 
 
 def source_file(ctx: StepContext) -> Path:

@@ -446,27 +446,6 @@ def estimate_disk(n_params: int, total_steps: int, save_steps: int, save_total_l
             "need_bytes": kept * per_ckpt + final}
 
 
-def _dataset_rows(ctx, name: str, file: Path) -> int:
-    """Rows of the registered file: from the data step's report when it has them, else counted."""
-    try:
-        report = json.loads(ctx.report_path("data").read_text(encoding="utf-8"))
-        rows = report.get("outputs", {}).get(name, {}).get("rows")
-        if isinstance(rows, int) and rows > 0:
-            return rows
-    except (OSError, ValueError, AttributeError):
-        pass
-    try:
-        from sftjobs.io.data_files import sniff_container
-
-        if sniff_container(file) == "jsonl":
-            with open(file, "rb") as handle:
-                return sum(1 for line in handle if line.strip())
-        with open(file, encoding="utf-8") as handle:
-            return len(json.load(handle))
-    except (OSError, ValueError):
-        return 0
-
-
 def _gib(n: float) -> str:
     """A byte count for people: GiB from 1 GiB up, else MiB."""
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
@@ -804,7 +783,7 @@ def run(ctx) -> dict[str, Any]:
             return _skipped("no usable model folder to size checkpoints from (see paths)")
         info = read_dataset_info(ctx.paths["dataset_dir"])
         name = values["data"]["dataset"]
-        rows = _dataset_rows(ctx, name, dataset_file(ctx.paths["dataset_dir"], info.get(name, {})))
+        rows = ctx.dataset_rows(name, dataset_file(ctx.paths["dataset_dir"], info.get(name, {})))
         return check_disk(ctx, n_params, rows)
 
     record("disk", disk)

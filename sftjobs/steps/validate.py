@@ -35,8 +35,10 @@ from typing import Any
 
 import yaml
 
+from sftjobs import datasets
 from sftjobs.errors import SftjobsError
 from sftjobs.fsutil import atomic_write_json
+from sftjobs.io.trainer_log import read_trainer_log
 
 MEMORY_TOLERANCE = 0.10
 MAX_NEW_TOKENS = 32
@@ -66,23 +68,6 @@ _WHY = {"train.overwrite_output_dir": "sftjobs keeps it false so a restarted job
 
 
 # ============================================================================ trainer log
-
-
-def read_trainer_log(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every JSON object line of LLaMA-Factory's trainer_log.jsonl (a torn last line is skipped)."""
-    entries = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                value = json.loads(line)  # Python's json reads the NaN / Infinity LLaMA-Factory writes
-            except ValueError:
-                continue
-            if isinstance(value, dict):
-                entries.append(value)
-    return entries
 
 
 def loss_points(entries: Iterable[dict[str, Any]]) -> list[tuple[int, float]]:
@@ -599,7 +584,7 @@ def run(ctx) -> dict[str, Any]:
         record("checkpoints", ck, "")
     else:
         try:
-            prompts = sample_prompts(ctx.paths["dataset_dir"], ["arpo_sft_toy", ctx.profile["data"]["dataset"]])
+            prompts = sample_prompts(ctx.paths["dataset_dir"], [datasets.TOY, ctx.profile["data"]["dataset"]])
             gen = load_and_generate(load_dir, prompts["prompts"], tokenizer_fallback=ctx.paths.get("model_dir"),
                                     trust_remote_code=bool(cfg.get("trust_remote_code", False)))
             ck["ok"] = True
