@@ -15,7 +15,7 @@ from sftjobs import executors
 from sftjobs.errors import SftjobsError
 from sftjobs.executors.base import StepState
 from sftjobs.fsutil import atomic_write_text, read_json
-from sftjobs.node.monitor import latest_sample
+from sftjobs.io.monitor_log import latest_sample
 from sftjobs.planning.dag import Plan
 from sftjobs.runs import read_manifest, write_manifest
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sftjobs import __version__, executors
+from sftjobs.env import library_versions
 from sftjobs.errors import SftjobsError
 from sftjobs.executors.base import Executor
 from sftjobs.planning.dag import Plan, build_plan
@@ -18,7 +19,6 @@ from sftjobs.profile import Profile, load_profile
 from sftjobs.render import memory_plan_of, render_files, write_run_dir
 from sftjobs.runs import new_run_id, read_manifest, write_manifest
 from sftjobs.runs import run_dir as run_dir_for
-from sftjobs.steps.preflight import library_versions  # metadata only: imports nothing heavy
 
 
 def make_executor(name: str, profile: Profile) -> Executor:

@@ -25,6 +25,7 @@ from typing import Any
 
 from sftjobs.errors import SftjobsError
 from sftjobs.fsutil import atomic_write_text
+from sftjobs.planning.model_shapes import DEMO_TOKENIZER_VOCAB, REAL_SHAPE_TOKENIZER_VOCAB, SYNTHETIC_SHAPES
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -203,19 +204,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # Random-init model shapes. "tiny" is the CPU demo's model (vocab = the tokenizer's); the others have the real
 # dimensions of Qwen2.5-*-Instruct (random weights: speed and memory are meaningful, loss values are not), so a
 # GPU run measures what the real model would cost without the hub. Source: the models' config.json on the hub.
-SYNTHETIC_SHAPES: dict[str, dict[str, Any]] = {
-    "tiny": {"hidden": 64, "intermediate": 128, "layers": 2, "heads": 4, "kv_heads": 2, "vocab": None,
-             "max_positions": 4096, "dtype": "float32"},
-    "qwen2.5-0.5b": {"hidden": 896, "intermediate": 4864, "layers": 24, "heads": 14, "kv_heads": 2, "vocab": 151936,
-                     "max_positions": 32768, "dtype": "bfloat16"},
-    "qwen2.5-3b": {"hidden": 2048, "intermediate": 11008, "layers": 36, "heads": 16, "kv_heads": 2, "vocab": 151936,
-                   "max_positions": 32768, "dtype": "bfloat16"},
-}
-# Real shapes get a larger tokenizer (fewer tokens per word, closer to Qwen's ~4 characters a token).
-REAL_SHAPE_TOKENIZER_VOCAB = 8192
-DEMO_TOKENIZER_VOCAB = 1500  # the tiny shape's tokenizer (its vocab is the tokenizer's)
-
-
 def synthetic_shape(name: str) -> dict[str, Any]:
     if name not in SYNTHETIC_SHAPES:
         raise SftjobsError(f"unknown synthetic model shape {name!r}; choose one of {', '.join(SYNTHETIC_SHAPES)}")

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sftjobs.errors import SftjobsError
-from sftjobs.io.demo_assets import DEMO_TOKENIZER_VOCAB, SYNTHETIC_SHAPES
 from sftjobs.planning.batch import HF_DEFAULT_BATCH, gradient_accumulation, world_size
+from sftjobs.planning.model_shapes import DEMO_TOKENIZER_VOCAB, SYNTHETIC_SHAPES
 
 if TYPE_CHECKING:
     from sftjobs.profile import Profile
@@ -112,7 +112,7 @@ def parameter_count(s: ModelShape) -> int:
 
 
 def shape_from_table(name: str) -> ModelShape:
-    """A shape of demo_assets.SYNTHETIC_SHAPES (the real Qwen2.5 dimensions, tied embeddings as the hub's)."""
+    """A shape of model_shapes.SYNTHETIC_SHAPES (the real Qwen2.5 dimensions, tied embeddings as the hub's)."""
     dims = SYNTHETIC_SHAPES[name]
     return ModelShape(hidden=dims["hidden"], intermediate=dims["intermediate"], layers=dims["layers"],
                       heads=dims["heads"], kv_heads=dims["kv_heads"], vocab=dims["vocab"] or DEMO_TOKENIZER_VOCAB,

@@ -29,7 +29,6 @@ import difflib
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import struct
@@ -40,10 +39,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from sftjobs.env import library_versions
 from sftjobs.errors import SftjobsError
 
 SAMPLE_ROWS = 64
-PACKAGES = ("torch", "transformers", "deepspeed", "llamafactory", "accelerate")
 # A mismatch in these between the submit machine and a node fails the step: the plan asks for the same
 # environment everywhere, and these four decide what a checkpoint looks like and how the run behaves.
 STRICT_PACKAGES = ("torch", "transformers", "deepspeed", "llamafactory")
@@ -149,20 +148,6 @@ def check_gpus(requested: int, info: dict[str, Any], bf16: bool = False) -> dict
 
 
 # ============================================================================ (e) versions
-
-
-def library_versions() -> dict[str, str | None]:
-    """Installed versions (metadata only: nothing is imported) plus python's."""
-    from importlib import metadata
-
-    versions: dict[str, str | None] = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    versions["python"] = platform.python_version()
-    return versions
 
 
 def compare_versions(current: dict[str, Any], recorded: dict[str, Any] | None) -> list[str]:

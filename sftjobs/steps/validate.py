@@ -604,7 +604,7 @@ def run(ctx) -> dict[str, Any]:
             profile_file = yaml.safe_load((ctx.run_dir / "profile.yaml").read_text(encoding="utf-8")) or {}
         except (OSError, yaml.YAMLError):
             profile_file = {}
-        from sftjobs.steps.preflight import library_versions
+        from sftjobs.env import library_versions
 
         stage = plan_stage(profile_file.get("chain") or [], ctx.plan.profile)
         handoff = {
