@@ -22,6 +22,7 @@ from sftjobs.datasets import DATASET_NAMES
 from sftjobs.errors import SftjobsError
 from sftjobs.planning.batch import global_size_problem
 from sftjobs.resources import shipped_dir
+from sftjobs.spec import ProfileSpec, spec_of
 
 DEEPSPEED_CHOICES = ("none", "z0", "z1", "z2", "z2_offload", "z3", "z3_offload", "auto")
 EXECUTOR_CHOICES = ("auto", "slurm", "local", "debug")
@@ -201,6 +202,11 @@ class Profile:
     @property
     def train(self) -> dict[str, Any]:
         return self.values["train"]
+
+    @property
+    def spec(self) -> ProfileSpec:
+        """The typed view of ``values`` (sftjobs.spec): ``profile.spec.resources.gpus_per_node``."""
+        return spec_of(self.values)
 
     def config_hash(self) -> str:
         blob = json.dumps(self.values, sort_keys=True, default=str).encode()

@@ -64,27 +64,26 @@ def render_files(run: PlannedRun) -> dict[str, str]:
     """
     profile, plan, paths, memory, run_id = run.profile, run.plan, run.paths, run.memory, run.run_id
     effective = run.effective
-    v = effective.values
+    typed = effective.spec
     files: dict[str, str] = {}
     for target, name in (("full", "llamafactory/train.yaml"), ("dry_run", "llamafactory/dry_run.yaml")):
         text = render_template("llamafactory.yaml.j2", profile_name=profile.name, target=target,
                                **training_config(effective, paths, target))
         yaml.safe_load(text)
         files[name] = text
-    if v["deepspeed"] != "none":
-        stage, offload = DEEPSPEED_STAGES[v["deepspeed"]]
+    if typed.deepspeed != "none":
+        stage, offload = DEEPSPEED_STAGES[typed.deepspeed]
         text = render_template("deepspeed.json.j2", stage=stage, offload=offload)
         json.loads(text)
         files["deepspeed.json"] = text
-    files["dataset/dataset_info.json"] = dataset_info(v["data"]["shape"], paths.data_dir)
-    res = v["resources"]
-    force_torchrun = v["deepspeed"] != "none" or res["gpus_per_node"] > 1 or res["nodes"] > 1
-    python = v["launcher"]["python"] or sys.executable
+    files["dataset/dataset_info.json"] = dataset_info(typed.data.shape, paths.data_dir)
+    force_torchrun = typed.deepspeed != "none" or typed.resources.world_size > 1
+    python = typed.launcher.python or sys.executable
     for step in plan.steps:
         files[step.script] = render_template(
-            "step.sh.j2", step=step, run_id=run_id, run_dir=paths.run_dir, setup=v["launcher"]["setup"],
+            "step.sh.j2", step=step, run_id=run_id, run_dir=paths.run_dir, setup=list(typed.launcher.setup),
             python=python, datasets_cache=paths.datasets_cache, force_torchrun=force_torchrun,
-            master_port_base=v["launcher"]["master_port_base"])
+            master_port_base=typed.launcher.master_port_base)
     files["profile.yaml"] = yaml.safe_dump(
         {"name": profile.name, "source": profile.source, "chain": profile.chain, "overrides": profile.overrides,
          "config_hash": profile.config_hash(), "values": profile.values}, sort_keys=False)
