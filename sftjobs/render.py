@@ -32,10 +32,38 @@ EXECUTABLE = 0o755
 REGULAR = 0o644
 
 
+class _OneLineDumper(yaml.SafeDumper):
+    """safe_dump, except that a string holding a line break or another unprintable character is written
+    double-quoted with escapes: PyYAML would otherwise write it single-quoted over several lines (a newline as a
+    blank line, NEL and U+2028 raw), which a one-line ``key: value`` template cannot hold."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+    plain = data.isprintable() and not any(c in data for c in "\x85\u2028\u2029\ufeff")
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=None if plain else '"')
+
+
+_OneLineDumper.add_representer(str, _represent_str)
+
+
 def _yaml_scalar(value: Any) -> str:
-    """One YAML value on one line, quoted when YAML would misread it (e.g. "yes", "1e-5", ": ")."""
-    text = yaml.safe_dump({"k": value}, default_flow_style=True, width=1 << 30, allow_unicode=True).strip()
-    return text[len("{k: "):-1]
+    """One YAML value on one line, quoted when YAML would misread it (e.g. "yes", "1e-5", ": ", a newline)."""
+    text = yaml.dump({"k": value}, Dumper=_OneLineDumper, default_flow_style=True, width=1 << 30,
+                     allow_unicode=True).strip()
+    text = text[len("{k: "):-1]
+    if "\n" in text or "\r" in text:  # pragma: no cover - the representer above prevents it
+        raise SftjobsError(f"cannot write {value!r} as one YAML line; this is a bug in sftjobs' renderer")
+    return text
+
+
+def _comment(value: Any) -> str:
+    """Text inside a ``#`` comment of a rendered file: one printable line, or a refusal (never a new line of
+    shell or YAML). Profile names are checked when loaded (profile.PROFILE_NAME); this guards every other caller."""
+    text = str(value)
+    if not text.isprintable() or any(c in text for c in "\x85\u2028\u2029"):
+        raise SftjobsError(f"{text!r} cannot go into a comment of a rendered file: it holds a line break or another "
+                           "control character")
+    return text
 
 
 def _environment() -> jinja2.Environment:
@@ -47,6 +75,7 @@ def _environment() -> jinja2.Environment:
     )
     env.filters["sh"] = lambda v: shlex.quote(str(v))
     env.filters["yaml"] = _yaml_scalar
+    env.filters["comment"] = _comment
     return env
 
 
@@ -121,6 +150,18 @@ def training_config(profile: Profile, paths: RunPaths, target: str) -> dict[str,
     }
 
 
+def _check_training_yaml(name: str, text: str, config: dict[str, Any]) -> None:
+    """The rendered YAML must read back as exactly the keys and values meant, whatever the profile's text held
+    (a newline, "#", ": ", Jinja or YAML syntax): nothing from a value may become a key of its own."""
+    expected = {"model_name_or_path": config["model_dir"], **config["train"], "dataset_dir": config["dataset_dir"],
+                "dataset": config["dataset"], "output_dir": config["output_dir"], "overwrite_output_dir": False}
+    if config["deepspeed_config"]:
+        expected["deepspeed"] = config["deepspeed_config"]
+    if yaml.safe_load(text) != expected:
+        raise SftjobsError(f"rendering {name}: the YAML does not read back as the profile's values; this is a bug in "
+                           "templates/llamafactory.yaml.j2 or sftjobs' renderer, please report it with the profile")
+
+
 def dataset_info(shape: str, data_dir: str) -> str:
     """dataset_info.json for LLaMA-Factory; shape "auto" registers sharegpt until the data step detects otherwise."""
     shape = "alpaca" if shape == "alpaca" else "sharegpt"
@@ -144,9 +185,9 @@ def render_files(profile: Profile, plan: Plan, run_dir: Path, run_id: str, base:
     v = run.values
     files: dict[str, str] = {}
     for target, name in (("full", "llamafactory/train.yaml"), ("dry_run", "llamafactory/dry_run.yaml")):
-        text = render_template("llamafactory.yaml.j2", profile_name=profile.name, target=target,
-                               **training_config(run, paths, target))
-        yaml.safe_load(text)
+        config = training_config(run, paths, target)
+        text = render_template("llamafactory.yaml.j2", profile_name=profile.name, target=target, **config)
+        _check_training_yaml(name, text, config)
         files[name] = text
     if v["deepspeed"] != "none":
         stage, offload = DEEPSPEED_STAGES[v["deepspeed"]]

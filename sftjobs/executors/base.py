@@ -49,6 +49,9 @@ class StepState:
 class Executor(abc.ABC):
     name: str = ""
 
+    def check_run_dir(self, run_dir: Path) -> None:
+        """Refuse a run directory this backend cannot hand on safely (before anything is written there)."""
+
     @abc.abstractmethod
     def prepare(self, plan: Plan, run_dir: Path) -> list[Request]:
         """The requests a submit would send, with placeholders for job ids not known yet."""
