@@ -78,7 +78,11 @@ def sniff_not_utf8(head: bytes) -> tuple[str, str | None] | None:
         return "UTF-16 (little-endian, no byte-order mark)", "UTF-16LE"
     if even > 0.3 and odd < even / 4:
         return "UTF-16 (big-endian, no byte-order mark)", "UTF-16BE"
-    return "binary (it holds NUL bytes)", None
+    # A stray NUL in a text file is one bad line, judged with the others; a head full of control bytes is not text.
+    control = sum(1 for byte in head if byte < 32 and byte not in (9, 10, 13) or byte == 127)
+    if control > len(head) * 0.05:
+        return "binary (it holds NUL and other control bytes)", None
+    return None
 
 
 def not_utf8_advice(path: str | os.PathLike, found: tuple[str, str | None], what: str, otherwise: str) -> str:
