@@ -274,3 +274,32 @@ def test_profiles_list_shows_each_profile_on_one_line(in_tmp, capsys):
     assert main(["profiles"]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("odd "))
     assert "a\\nb\\x1b[2J" in line
+
+
+@pytest.mark.slurm
+def test_shell_syntax_in_the_jobs_directory_through_real_sbatch(slurm, in_tmp, capsys):
+    """The whole chain on the Slurm test cluster from a jobs directory holding spaces, quotes, $(), backticks,
+    ; and #: sbatch reads every #SBATCH line as written (logs land in the run directory) and nothing runs."""
+    from tests.slurm_helpers import SMALL, wait_until
+
+    jobs = in_tmp / "jobs a'b\"c $(touch PWNED1) `touch PWNED2`;touch PWNED3 #x"
+    os.environ["SFTJOBS_JOBS_DIR"] = str(jobs)  # in_tmp's monkeypatch restores it
+    args = ["submit", "toy", "--executor", "slurm", "--set", f"launcher.python={FAKE_PYTHON}"]
+    for item in SMALL:
+        args += ["--set", item]
+    code = main(args)
+    assert code == 0, capsys.readouterr().err
+    capsys.readouterr()
+    run_dir = next(jobs.iterdir())
+
+    def done():
+        assert main(["status", run_dir.name, "--json"]) == 0
+        rows = json.loads(capsys.readouterr().out)["steps"]
+        return rows if all(r["state"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") for r in rows) else None
+
+    rows = wait_until(done, 300, 2, "the Slurm chain")
+    assert {r["state"] for r in rows} == {"COMPLETED"}, rows
+    for step in ("data", "train"):
+        assert list((run_dir / "slurm" / step).glob("*_log.out")), f"no Slurm log of {step} in the run directory"
+        assert (run_dir / "fake" / f"{step}.0.env").exists()
+    assert not list(in_tmp.rglob("PWNED*"))
