@@ -49,7 +49,7 @@ def generate(path: Path, rows: int, approx_bytes: int) -> int:
 
 def child(source: str, out_dir: str) -> None:
     """Runs in its own interpreter: one prepare_data call, reporting time and memory as JSON."""
-    from sftjobs.steps.data import prepare_data
+    from sftjobs.io.data_files import prepare_data
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     logged: list[str] = []

@@ -102,7 +102,7 @@ esac
 mkdir -p "$W/data_h" && ln -sf "$W/data/sft.jsonl" "$W/data_h/arpo_sft_54k.jsonl"
 if [ ! -f "$W/model/config.json" ]; then  # sftjobs' own synthetic model code, around the benchmark's tokenizer
   mkdir -p "$W/model" && cp .benchdata/tokenizer/* "$W/model/"
-  python3 -c "from sftjobs.demo_assets import make_demo_model as m; m('$W/model', [], shape='$SHAPE')" 2>&1 | grep -v Writing
+  python3 -c "from sftjobs.io.demo_assets import make_demo_model as m; m('$W/model', [], shape='$SHAPE')" 2>&1 | grep -v Writing
 fi
 python3 bench/probe_gpu.py --peak-only "$W/peak.json" 2>&1 | tail -1
 # Which SDPA kernel runs for a causal bf16 GQA call, by default and with the proposal's environment

@@ -16,11 +16,11 @@ Environment:
                        include_num_input_tokens_seen (sftjobs' profiles) has no such synchronisation
   BENCH_NO_CUDNN_SDPA=1 torch.backends.cuda.enable_cudnn_sdp(False) (where TORCH_CUDNN_SDPA_DEPRIORITIZED=1,
                        the switch sftjobs' profiles use, is not known to the installed torch)
-  BENCH_SEGMENT_ATTN=1 sftjobs' speed.per_sample_attention (sftjobs/steps/per_sample_attention.py): causal SDPA
+  BENCH_SEGMENT_ATTN=1 sftjobs' speed.per_sample_attention (sftjobs/trainer/attention/per_sample.py): causal SDPA
                        per packed sample instead of LLaMA-Factory's 4D block-diagonal mask
   BENCH_UNPAD=1        what sftjobs' training entry always does: a one-row batch is not padded to a multiple of
                        8, so transformers passes no mask and SDPA keeps its causal flash kernel
-  BENCH_BALANCE=1      sftjobs' speed.balance_ranks (sftjobs/steps/rank_balance.py): each optimizer step's samples
+  BENCH_BALANCE=1      sftjobs' speed.balance_ranks (sftjobs/trainer/sampler.py): each optimizer step's samples
                        spread over the GPUs by length
   BENCH_PACK=1         sftjobs' speed.pack_rank_samples: balanced ranks, each GPU's samples of a step packed into
                        sample-isolated rows (per-sample attention)
@@ -285,36 +285,36 @@ if __name__ == "__main__":
         torch.backends.cuda.enable_cudnn_sdp(False)
         print("[bench] cuDNN SDPA disabled in-process", flush=True)
     if os.environ.get("BENCH_CUDNN_ATTN"):  # what lf_train's --cudnn-attention-bucket does
-        from sftjobs.steps.lf_train import install_cudnn_attention
+        from sftjobs.trainer.entry import install_cudnn_attention
 
         install_cudnn_attention(int(os.environ["BENCH_CUDNN_ATTN"]), sys.argv[1], sys.argv[2:])
     if os.environ.get("BENCH_LIGER_KEEP"):
         _keep_liger_kernels(set(os.environ["BENCH_LIGER_KEEP"].split(",")))
     if os.environ.get("BENCH_ATTN_LOOP") == "1":
-        from sftjobs.steps import per_sample_attention
+        from sftjobs.trainer.attention import per_sample as per_sample_attention
 
         per_sample_attention.USE_VARLEN = False
         print("[bench] per-sample attention: SDPA loop (varlen off)", flush=True)
     if os.environ.get("BENCH_SLICE_BACKWARD") == "1":
-        from sftjobs.steps import per_sample_attention
+        from sftjobs.trainer.attention import per_sample as per_sample_attention
 
         per_sample_attention.PIECEWISE_BACKWARD = False
         print("[bench] per-sample attention: q/k/v sliced under autograd", flush=True)
     if os.environ.get("BENCH_SEGMENT_ATTN") == "1":
-        from sftjobs.steps.per_sample_attention import install
+        from sftjobs.trainer.attention.per_sample import install
 
         install()
     if os.environ.get("BENCH_UNPAD") == "1":
-        from sftjobs.steps.lf_train import install_unpadded_single_rows
+        from sftjobs.trainer.entry import install_unpadded_single_rows
 
         install_unpadded_single_rows()
     if os.environ.get("BENCH_PACK") == "1":
-        from sftjobs.steps.lf_train import install_pack_rank_samples
+        from sftjobs.trainer.entry import install_pack_rank_samples
 
         install_pack_rank_samples(skip_idle=os.environ.get("BENCH_SKIP_IDLE") == "1",
                                   split=os.environ.get("BENCH_SPLIT") == "1")
     elif os.environ.get("BENCH_BALANCE") == "1":
-        from sftjobs.steps.lf_train import install_balanced_sampler
+        from sftjobs.trainer.entry import install_balanced_sampler
 
         install_balanced_sampler()
     run_exp(callbacks=[StepTimer()])

@@ -3,7 +3,7 @@
     python bench/make_bench_data.py tok  TOKDIR                  # byte-level BPE (8192 entries) + Qwen chat template
     python bench/make_bench_data.py data TOKDIR OUT.jsonl N [SEED] [--max-len L]
 
-The tokenizer is sftjobs' own (sftjobs.demo_assets.make_tokenizer: <|endoftext|> pad, <|im_end|> eos, Qwen's
+The tokenizer is sftjobs' own (sftjobs.io.demo_assets.make_tokenizer: <|endoftext|> pad, <|im_end|> eos, Qwen's
 chat template) trained on a corpus of made-up words, so that many whole words are single tokens.
 
 Rows are ARPO-SFT-54K's shape (sharegpt: system + human + gpt, the gpt turn with <think>, <search>/<python>,
@@ -42,7 +42,7 @@ def corpus(n_lines: int = 40000, seed: int = 1):
 
 
 def make_tok(out: str) -> None:
-    from sftjobs.demo_assets import make_tokenizer
+    from sftjobs.io.demo_assets import make_tokenizer
 
     make_tokenizer(out, corpus(), vocab_size=8192)
     from transformers import AutoTokenizer
@@ -54,7 +54,7 @@ def make_tok(out: str) -> None:
 def make_data(tokdir: str, out: str, n: int, seed: int = 0, max_len: int = 14980) -> dict:
     from transformers import AutoTokenizer
 
-    from sftjobs.demo_assets import ARPO_SYSTEM
+    from sftjobs.io.demo_assets import ARPO_SYSTEM
 
     tok = AutoTokenizer.from_pretrained(tokdir)
     vocab = tok.get_vocab()

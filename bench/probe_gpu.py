@@ -72,7 +72,7 @@ def attn_kernels(out: str) -> None:
     sample (USE_VARLEN off); SDPA as torch picks it here (cuDNN first on an H100 unless
     TORCH_CUDNN_SDPA_DEPRIORITIZED=1), as training runs it (flash: sftjobs_flash), and cuDNN with lengths padded
     to a bucket (sftjobs_cudnnN: per_sample_attention.CUDNN_BUCKET)."""
-    from sftjobs.steps import per_sample_attention as psa
+    from sftjobs.trainer.attention import per_sample as psa
 
     H, Hkv, D = 16, 2, 128
     packs = {"fast_pack_4x3750": [3000, 4000, 5000, 3000], "prod_pack_2": [5200, 2300], "one_sample": [3750],
@@ -184,7 +184,7 @@ def main() -> None:
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
         from types import SimpleNamespace
 
-        from sftjobs.demo_assets import qwen2_config
+        from sftjobs.io.demo_assets import qwen2_config
 
         tok = SimpleNamespace(convert_tokens_to_ids=lambda t: {"<|im_end|>": 2, "<|endoftext|>": 0}[t], __len__=None)
         cfg = qwen2_config(model_dir, _Len(8192, tok))

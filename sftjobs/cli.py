@@ -41,8 +41,8 @@ def _one_line(value: object) -> str:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from sftjobs.memory_plan import summary_line
-    from sftjobs.plan import build_plan
+    from sftjobs.planning.dag import build_plan
+    from sftjobs.planning.memory import summary_line
     from sftjobs.profile import load_profile
     from sftjobs.render import memory_plan_of, render_files, write_run_dir
     from sftjobs.runs import jobs_dir, new_run_id

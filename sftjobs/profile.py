@@ -20,7 +20,7 @@ import yaml
 
 from sftjobs.errors import SftjobsError
 from sftjobs.fsutil import SNIFF_BYTES, not_utf8_advice, sniff_not_utf8
-from sftjobs.memory_plan import global_size_problem
+from sftjobs.planning.memory import global_size_problem
 from sftjobs.resources import shipped_dir
 
 DEEPSPEED_CHOICES = ("none", "z0", "z1", "z2", "z2_offload", "z3", "z3_offload", "auto")
@@ -97,7 +97,7 @@ SCHEMA: dict[str, Key] = {
     "extends": Key(OPT_STR, None, help="parent profile (name or path)"),
     "output_dir": Key(str, None, help="checkpoints; {run_id} in it gives every run its own folder"),
     "deepspeed": Key(str, "none", _choice(DEEPSPEED_CHOICES),
-                     "ZeRO stage; auto: the fastest stage and recompute setting that fit (sftjobs/memory_plan.py)"),
+                     "ZeRO stage; auto: the fastest stage and recompute setting that fit (sftjobs/planning/memory.py)"),
     "model.source": Key(str, "hub", _choice(SOURCE_CHOICES)),
     "model.hub_id": Key(OPT_STR, None),
     "model.revision": Key(OPT_STR, None),

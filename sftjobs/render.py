@@ -18,8 +18,8 @@ import yaml
 
 from sftjobs.errors import SftjobsError
 from sftjobs.fsutil import atomic_write_text
-from sftjobs.memory_plan import apply_plan, plan_memory
-from sftjobs.plan import Plan
+from sftjobs.planning.dag import Plan
+from sftjobs.planning.memory import apply_plan, plan_memory
 from sftjobs.profile import Profile
 from sftjobs.resources import shipped_dir
 

@@ -14,9 +14,9 @@ from typing import Any
 from sftjobs.errors import SftjobsError
 from sftjobs.executors.base import StepState
 from sftjobs.fsutil import atomic_write_text, read_json
-from sftjobs.plan import Plan
+from sftjobs.node.monitor import latest_sample
+from sftjobs.planning.dag import Plan
 from sftjobs.runs import read_manifest, write_manifest
-from sftjobs.steps.monitor import latest_sample
 
 COLUMNS = ("RUN", "STEP", "JOBID", "STATE", "TIME", "NODES", "NODELIST(REASON)", "PROGRESS", "LOSS", "ETA", "GPU")
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",

@@ -12,8 +12,8 @@ from pathlib import Path
 from sftjobs import __version__
 from sftjobs.errors import SftjobsError
 from sftjobs.executors.base import Executor
-from sftjobs.memory_plan import summary_line
-from sftjobs.plan import Plan, build_plan
+from sftjobs.planning.dag import Plan, build_plan
+from sftjobs.planning.memory import summary_line
 from sftjobs.profile import Profile, load_profile
 from sftjobs.render import memory_plan_of, render_files, write_run_dir
 from sftjobs.runs import new_run_id, read_manifest, write_manifest
@@ -158,7 +158,7 @@ def record_event(run_dir: Path, event: str, **fields) -> None:
 def resume(run_dir: Path) -> tuple[dict, list[str]]:
     """Resubmit the steps of a run that did not complete; completed steps stay done, training resumes
     from the newest complete checkpoint."""
-    from sftjobs.plan import Step
+    from sftjobs.planning.dag import Step
     from sftjobs.status import FINAL_STATES, collect
 
     manifest = read_manifest(run_dir)

@@ -166,7 +166,7 @@ def test_unterminated_string_names_its_column_once(in_tmp, capsys):
 
 
 def make_model_dir(tmp: Path, drop: str) -> Path:
-    from sftjobs.demo_assets import make_demo_model, make_synthetic_arpo
+    from sftjobs.io.demo_assets import make_demo_model, make_synthetic_arpo
 
     corpus = make_synthetic_arpo(tmp / "corpus.jsonl", 50)
     model = make_demo_model(tmp / "model", corpus, log=lambda *_: None)

@@ -1,4 +1,4 @@
-"""The data step (sftjobs/steps/data.py): shape detection, bad-record accounting, atomic outputs, reruns."""
+"""The data step (sftjobs/io/data_files.py): shape detection, bad-record accounting, atomic outputs, reruns."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from synthetic_data import SYSTEM_PROMPT, ArpoSynth, write_json_array, write_jsonl
 
 from sftjobs.errors import SftjobsError
-from sftjobs.steps import data as data_step
-from sftjobs.steps.data import (
+from sftjobs.io import data_files as data_step
+from sftjobs.io.data_files import (
     dataset_info_entry,
     detect_shape,
     iter_records,

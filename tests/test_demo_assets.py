@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from sftjobs import demo_assets
 from sftjobs.errors import SftjobsError
-from sftjobs.steps.model import check_model_dir
+from sftjobs.io import demo_assets
+from sftjobs.io.model_files import check_model_dir
 
 TAGS = re.compile(
     r"^<think>.+</think>(<search>.+</search>|<python>.+</python>)<result>.+</result>"

@@ -24,7 +24,7 @@ if os.environ.get("TEST_NO_BACKOFF"):
     time.sleep = lambda seconds: None  # huggingface_hub retries a dead hub with ~25 s of backoff
 from pathlib import Path
 from sftjobs.errors import SftjobsError
-from sftjobs.steps.data import download_data_file
+from sftjobs.io.data_files import download_data_file
 repo, filename, local_dir, revision = sys.argv[1:5]
 try:
     path = download_data_file(repo, filename, Path(local_dir), revision or None)

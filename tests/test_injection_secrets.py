@@ -200,7 +200,7 @@ def test_unsafe_profile_name_through_the_local_executor_submits_nothing(name, in
 
 def _slurm_requests(run_dir: Path):
     from sftjobs.executors.slurm import SlurmExecutor
-    from sftjobs.plan import build_plan
+    from sftjobs.planning.dag import build_plan
     from sftjobs.profile import load_profile
 
     plan = build_plan(load_profile("toy", ["resources.partition=debug"]))
@@ -230,7 +230,7 @@ def test_sbatch_lines_of_a_run_directory_with_shell_syntax(in_tmp):
 def test_run_directory_sbatch_cannot_quote_is_refused_before_anything_is_queued(bad, in_tmp):
     from sftjobs.errors import SftjobsError
     from sftjobs.executors.slurm import SlurmExecutor
-    from sftjobs.plan import build_plan
+    from sftjobs.planning.dag import build_plan
     from sftjobs.profile import load_profile
 
     run_dir = in_tmp / f"jobs {bad}" / "toy-1"
@@ -259,7 +259,7 @@ def test_local_preview_is_a_command_line_that_quotes_its_paths(in_tmp):
     import shlex
 
     from sftjobs.executors.local import LocalExecutor
-    from sftjobs.plan import build_plan
+    from sftjobs.planning.dag import build_plan
     from sftjobs.profile import load_profile
 
     run_dir = in_tmp / "jobs $(touch PWNED) a;b" / "toy-1"

@@ -1,4 +1,4 @@
-"""sftjobs' training entry (sftjobs.steps.lf_train) through the real LLaMA-Factory on the CPU: the
+"""sftjobs' training entry (sftjobs.trainer.entry) through the real LLaMA-Factory on the CPU: the
 length-balanced order, and each rank's samples packed into sample-isolated rows, train exactly the steps the
 trainer's own order trains (two ranks, torchrun, gloo), and per-sample attention gives what LLaMA-Factory's 4D
 block-diagonal mask gives, unlike plain packing."""
@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from sftjobs import demo_assets
+from sftjobs.io import demo_assets
 
 pytestmark = pytest.mark.train
 
@@ -56,7 +56,7 @@ def lf_setup(tmp_path_factory):
 
 
 def train(root, name, *args, ranks=1, port=29641):
-    entry = [sys.executable, "-m", "sftjobs.steps.lf_train", *[a for a in args if a.startswith("--")],
+    entry = [sys.executable, "-m", "sftjobs.trainer.entry", *[a for a in args if a.startswith("--")],
              str(root / "train.yaml"), f"output_dir={root / name}", *[a for a in args if not a.startswith("--")]]
     if ranks > 1:
         entry[1:1] = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(port)]
@@ -181,7 +181,7 @@ def test_per_sample_attention_matches_the_block_diagonal_mask(lf_setup):
 
 def test_per_sample_sdpa_equals_a_block_diagonal_causal_mask():
     torch = pytest.importorskip("torch")
-    from sftjobs.steps.per_sample_attention import per_sample_sdpa, sample_bounds
+    from sftjobs.trainer.attention.per_sample import per_sample_sdpa, sample_bounds
 
     torch.manual_seed(0)
     lengths = [5, 9, 3, 7]
@@ -203,7 +203,7 @@ def test_per_sample_sdpa_equals_a_block_diagonal_causal_mask():
 
 def test_varlen_binding_follows_torchs_spelling_of_causal():
     torch = pytest.importorskip("torch")
-    from sftjobs.steps.per_sample_attention import bind_causal
+    from sftjobs.trainer.attention.per_sample import bind_causal
 
     def new_api(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
         return window_size
@@ -224,7 +224,7 @@ def test_varlen_binding_follows_torchs_spelling_of_causal():
 
 def test_short_samples_in_runs_share_one_varlen_call_and_long_ones_get_sdpa():
     pytest.importorskip("torch")
-    from sftjobs.steps.per_sample_attention import SHORT_SAMPLE, row_pieces
+    from sftjobs.trainer.attention.per_sample import SHORT_SAMPLE, row_pieces
 
     long = SHORT_SAMPLE + 10
     lengths = [100, 200, long, 50, long, 30, 40, 60]
@@ -265,7 +265,7 @@ def test_one_row_batches_reach_sdpa_without_a_mask(lf_setup):
     from llamafactory.data.template import TEMPLATES
     from transformers import AutoTokenizer
 
-    from sftjobs.steps.lf_train import install_unpadded_single_rows
+    from sftjobs.trainer.entry import install_unpadded_single_rows
 
     tokenizer = AutoTokenizer.from_pretrained(lf_setup / "model")
     features = [{"input_ids": list(range(5, 18)), "attention_mask": [1] * 13, "labels": list(range(5, 18))}]

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sftjobs import memory_plan as mp
 from sftjobs.cli import main
 from sftjobs.errors import SftjobsError
-from sftjobs.plan import build_plan
+from sftjobs.planning import memory as mp
+from sftjobs.planning.dag import build_plan
 from sftjobs.profile import load_profile
 from sftjobs.render import render_files
 from tests.test_render_golden import render
@@ -66,7 +66,7 @@ def test_parameter_count_matches_transformers():
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sftjobs.demo_assets import SYNTHETIC_SHAPES, qwen2_config_from_dims
+    from sftjobs.io.demo_assets import SYNTHETIC_SHAPES, qwen2_config_from_dims
 
     class Tokenizer:  # what the config builder asks of a tokenizer
         def __len__(self):
@@ -268,8 +268,8 @@ def test_render_and_preview_print_the_plan_and_the_manifest_records_it(in_tmp, c
 
 
 def test_step_context_carries_the_plan(in_tmp):
+    from sftjobs.node.context import StepContext
     from sftjobs.render import write_run_dir
-    from sftjobs.steps.context import StepContext
 
     prof = load_profile("toy", ["deepspeed=auto"])
     run_dir = in_tmp / "run"

@@ -17,7 +17,7 @@ import pytest
 from hubserver import HubRepo, HubServer, hub_env, hub_server, run_download
 
 from sftjobs.errors import SftjobsError
-from sftjobs.steps.model import check_model_dir, fetch_model
+from sftjobs.io.model_files import check_model_dir, fetch_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REPO = "Qwen/Tiny-Test-Instruct"
@@ -29,7 +29,7 @@ if os.environ.get("TEST_NO_BACKOFF"):
     time.sleep = lambda seconds: None  # huggingface_hub backs off ~25 s against a dead hub
 from pathlib import Path
 from sftjobs.errors import SftjobsError
-from sftjobs.steps.model import fetch_model, check_model_dir
+from sftjobs.io.model_files import fetch_model, check_model_dir
 hub_id, local_dir, revision = sys.argv[1:4]
 try:
     path = fetch_model(hub_id=hub_id, local_dir=Path(local_dir), path=None, revision=revision or None,
@@ -362,7 +362,7 @@ def test_advice_depends_on_where_the_model_came_from(model_src):
 @pytest.mark.train
 def test_demo_model_downloads_and_loads(tmp_path):
     pytest.importorskip("transformers")
-    from sftjobs.demo_assets import make_demo_model, synthetic_pairs
+    from sftjobs.io.demo_assets import make_demo_model, synthetic_pairs
 
     src = make_demo_model(tmp_path / "src", [q + " " + a for q, a in synthetic_pairs(50)], log=lambda _: None)
     with hub_server({("model", REPO): src}) as hub:

@@ -10,8 +10,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from sftjobs.steps import lf_train  # noqa: E402
-from sftjobs.steps import per_sample_attention as psa  # noqa: E402
+from sftjobs.trainer import entry as lf_train  # noqa: E402
+from sftjobs.trainer.attention import per_sample as psa  # noqa: E402
 
 
 @pytest.fixture

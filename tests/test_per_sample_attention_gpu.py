@@ -12,7 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from sftjobs.steps import per_sample_attention as psa  # noqa: E402
+from sftjobs.trainer.attention import per_sample as psa  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

@@ -11,11 +11,11 @@ import pytest
 import yaml
 
 from sftjobs.errors import SftjobsError
-from sftjobs.plan import build_plan
+from sftjobs.node.context import StepContext
+from sftjobs.planning.dag import build_plan
 from sftjobs.profile import load_profile
 from sftjobs.render import render_files, write_run_dir
 from sftjobs.steps import preflight
-from sftjobs.steps.context import StepContext
 from sftjobs.steps.preflight import (
     CHECKPOINT_BYTES_PER_PARAM,
     check_gpus,
@@ -272,7 +272,7 @@ def test_deepspeed_memory_estimates_match_upstream_facts():
 @pytest.fixture(scope="module")
 def demo_assets(tmp_path_factory):
     pytest.importorskip("llamafactory")
-    from sftjobs.demo_assets import make_demo_model, make_synthetic_arpo
+    from sftjobs.io.demo_assets import make_demo_model, make_synthetic_arpo
 
     base = tmp_path_factory.mktemp("demo-assets")
     data = make_synthetic_arpo(base / "arpo_sft_54k.jsonl", 120)
@@ -292,7 +292,7 @@ def demo_run(tmp_path: Path, demo_assets, overrides: list[str] | None = None, sh
         for name in ("arpo_sft_54k.jsonl", "arpo_sft_toy.jsonl"):
             shutil.copy(base / name, data_dir / name)
     else:
-        from sftjobs.demo_assets import make_synthetic_arpo
+        from sftjobs.io.demo_assets import make_synthetic_arpo
 
         for name in ("arpo_sft_54k.jsonl", "arpo_sft_toy.jsonl"):
             make_synthetic_arpo(data_dir / name, 50, shape=shape)

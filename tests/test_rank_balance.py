@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from sftjobs.steps import rank_balance as rb
+from sftjobs.trainer import sampler as rb
 
 
 def lognormal_lengths(n, seed=0):
@@ -149,7 +149,7 @@ def test_packs_fall_back_to_one_sample_each_when_they_cannot_fit():
 
 
 def test_merged_rows_restart_positions_and_empty_packs_carry_no_labels():
-    from sftjobs.steps.lf_train import merge_rows
+    from sftjobs.trainer.entry import merge_rows
 
     rows = [{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7], "images": None},
             {"input_ids": [8, 9], "attention_mask": [1, 1], "labels": [-100, 9]}]

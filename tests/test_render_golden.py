@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sftjobs.plan import build_plan
+from sftjobs.planning.dag import build_plan
 from sftjobs.profile import load_profile
 from sftjobs.render import render_files
 from tests.conftest import REPO

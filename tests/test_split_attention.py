@@ -4,7 +4,7 @@ the whole sample in one process; a half's row carries each target once, in the s
 
 import pytest
 
-from sftjobs.steps import split_attention
+from sftjobs.trainer.attention import split as split_attention
 
 torch = pytest.importorskip("torch")
 
@@ -95,7 +95,7 @@ def test_split_attention_over_two_gpus_equals_the_whole_sample(tmp_path, length)
 
 
 def test_splitting_needs_rank_pairs_and_no_zero3():
-    from sftjobs.steps.lf_train import split_off_reason
+    from sftjobs.trainer.entry import split_off_reason
 
     assert split_off_reason(4, 2) is None and split_off_reason(8, 1) is None and split_off_reason(2, None) is None
     assert "3 ranks do not form pairs" in split_off_reason(3, 2)

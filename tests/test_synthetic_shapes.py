@@ -2,8 +2,8 @@
 
 import pytest
 
-from sftjobs.demo_assets import make_demo_model, make_synthetic_arpo, qwen2_config, shape_mismatch
 from sftjobs.errors import SftjobsError
+from sftjobs.io.demo_assets import make_demo_model, make_synthetic_arpo, qwen2_config, shape_mismatch
 
 pytestmark = pytest.mark.train
 

@@ -42,7 +42,7 @@ def test_no_checkpoint_means_a_fresh_start(tmp_path):
 
 def test_training_command_single_process_and_torchrun():
     single = training_command(Path("/r/t.yaml"), None, env={}, python="/py")
-    assert single == ["/py", "-m", "sftjobs.steps.lf_train", "/r/t.yaml"]
+    assert single == ["/py", "-m", "sftjobs.trainer.entry", "/r/t.yaml"]
     env = {"FORCE_TORCHRUN": "1", "NNODES": "2", "NODE_RANK": "1", "NPROC_PER_NODE": "8",
            "MASTER_ADDR": "node-a", "MASTER_PORT": "21234"}
     dist = training_command(Path("/r/t.yaml"), Path("/ck/checkpoint-7"), {"balance_ranks": True},
@@ -51,19 +51,19 @@ def test_training_command_single_process_and_torchrun():
     flags = dict(zip(dist[3:13:2], dist[4:13:2], strict=True))
     assert flags == {"--nnodes": "2", "--node_rank": "1", "--nproc_per_node": "8", "--master_addr": "node-a",
                      "--master_port": "21234"}
-    assert dist[13:] == ["-m", "sftjobs.steps.lf_train", "--balance-ranks", "--memory-log",
+    assert dist[13:] == ["-m", "sftjobs.trainer.entry", "--balance-ranks", "--memory-log",
                          "/run/monitor/allocator/train-h", "/r/t.yaml", "resume_from_checkpoint=/ck/checkpoint-7"]
     packed = training_command(Path("/r/t.yaml"), None, {"balance_ranks": True, "pack_rank_samples": True}, env={})
-    assert packed[1:5] == ["-m", "sftjobs.steps.lf_train", "--balance-ranks", "--pack-rank-samples"]
+    assert packed[1:5] == ["-m", "sftjobs.trainer.entry", "--balance-ranks", "--pack-rank-samples"]
     skipping = training_command(Path("/r/t.yaml"), None, {"pack_rank_samples": True, "skip_idle_micro_steps": True},
                                 env={})
-    assert skipping[1:5] == ["-m", "sftjobs.steps.lf_train", "--pack-rank-samples", "--skip-idle-micro-steps"]
+    assert skipping[1:5] == ["-m", "sftjobs.trainer.entry", "--pack-rank-samples", "--skip-idle-micro-steps"]
     splitting = training_command(Path("/r/t.yaml"), None, {"pack_rank_samples": True, "split_long_samples": True},
                                  env={})
-    assert splitting[1:5] == ["-m", "sftjobs.steps.lf_train", "--pack-rank-samples", "--split-long-samples"]
+    assert splitting[1:5] == ["-m", "sftjobs.trainer.entry", "--pack-rank-samples", "--split-long-samples"]
     cudnn = training_command(Path("/r/t.yaml"), None, {"per_sample_attention": True, "cudnn_attention_bucket": 256},
                              env={})
-    assert cudnn[1:6] == ["-m", "sftjobs.steps.lf_train", "--per-sample-attention", "--cudnn-attention-bucket", "256"]
+    assert cudnn[1:6] == ["-m", "sftjobs.trainer.entry", "--per-sample-attention", "--cudnn-attention-bucket", "256"]
     # more than one process per node means torchrun even without FORCE_TORCHRUN, as llamafactory-cli decides
     assert "torch.distributed.run" in training_command(Path("/r/t.yaml"), None, env={"NPROC_PER_NODE": "2"})
 
@@ -80,7 +80,7 @@ def test_time_limit_requeues_follow_the_profile(tmp_path, in_tmp):
     """submitit requeues a step that reaches its time limit at most max_num_timeout times (its default: 3)."""
     pytest.importorskip("submitit")
     from sftjobs.executors.slurm import SlurmExecutor
-    from sftjobs.plan import build_plan
+    from sftjobs.planning.dag import build_plan
     from sftjobs.profile import load_profile
 
     for sets, expected in (([], 10), (["resources.max_time_requeues=25"], 25)):

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from sftjobs.errors import SftjobsError
-from sftjobs.plan import build_plan
+from sftjobs.node.context import StepContext
+from sftjobs.planning.dag import build_plan
 from sftjobs.profile import load_profile
 from sftjobs.render import render_files, write_run_dir
 from sftjobs.steps import validate
-from sftjobs.steps.context import StepContext
 from sftjobs.steps.validate import (
     check_completed,
     check_loss,
@@ -261,7 +261,7 @@ def test_run_without_any_log(tmp_path):
 def tiny_model(tmp_path_factory):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from sftjobs.demo_assets import make_demo_model, make_synthetic_arpo
+    from sftjobs.io.demo_assets import make_demo_model, make_synthetic_arpo
 
     base = tmp_path_factory.mktemp("tiny")
     data = make_synthetic_arpo(base / "corpus.jsonl", 60)
@@ -269,7 +269,7 @@ def tiny_model(tmp_path_factory):
 
 
 def _demo_run_with_data(tmp_path: Path) -> tuple[Path, StepContext]:
-    from sftjobs.demo_assets import make_synthetic_arpo
+    from sftjobs.io.demo_assets import make_synthetic_arpo
 
     run_dir = render_run(tmp_path)
     ctx = StepContext.load(run_dir, "validate")
@@ -313,7 +313,7 @@ def test_run_passes_loads_generates_and_hands_off(tmp_path, tiny_model):
 
 @pytest.mark.train
 def test_dry_run_validation_writes_no_handoff(tmp_path, tiny_model):
-    from sftjobs.demo_assets import make_synthetic_arpo
+    from sftjobs.io.demo_assets import make_synthetic_arpo
 
     run_dir = render_run(tmp_path, dry_run_first=True)
     ctx = StepContext.load(run_dir, "validate_dry_run")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sftjobs.plan import Plan
+from sftjobs.planning.dag import Plan
 
 # Slurm's words, used by every backend so status reads the same everywhere.
 LIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "UNKNOWN"}

@@ -21,7 +21,7 @@ import psutil
 from sftjobs.errors import SftjobsError
 from sftjobs.executors.base import Executor, Request, StepState
 from sftjobs.fsutil import atomic_write_json, read_json
-from sftjobs.plan import Plan, Step
+from sftjobs.planning.dag import Plan, Step
 
 STATE_FILE = "local/chain.json"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sftjobs.errors import SftjobsError
 from sftjobs.executors.base import Executor, Request, StepState
-from sftjobs.plan import Plan, Step
+from sftjobs.planning.dag import Plan, Step
 
 # No job names: squeue -a lists every user's jobs, and a name is free text (a "|" or a newline in someone else's
 # job name would shift the fields or forge a line); sftjobs tracks its jobs by id only.

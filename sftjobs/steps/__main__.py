@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sftjobs.errors import SftjobsError
 from sftjobs.fsutil import atomic_write_json
-from sftjobs.steps.context import StepContext
+from sftjobs.node.context import StepContext
 
 
 def status_path(run_dir: Path, step: str) -> Path:
@@ -27,9 +27,9 @@ def status_path(run_dir: Path, step: str) -> Path:
 def run_step(ctx: StepContext) -> None:
     kind = ctx.step.kind
     if kind == "data":
-        from sftjobs.steps.data_step import run
+        from sftjobs.steps.data import run
     elif kind == "model":
-        from sftjobs.steps.model_step import run
+        from sftjobs.steps.model import run
     elif kind == "preflight":
         from sftjobs.steps.preflight import run
     elif kind == "train":
@@ -40,7 +40,7 @@ def run_step(ctx: StepContext) -> None:
         raise SftjobsError(f"unknown step kind {kind!r} in {ctx.run_dir / 'plan.json'}")
     run(ctx)
     if kind == "validate" and ctx.step.target == "dry_run":
-        from sftjobs.steps import timelimit
+        from sftjobs.node import timelimit
 
         timelimit.apply(ctx)
 

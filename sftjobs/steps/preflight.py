@@ -228,7 +228,7 @@ def dataset_file(dataset_dir: str | os.PathLike, entry: dict[str, Any]) -> Path:
 
 
 def check_paths(paths: dict[str, Any], output_dirs: list[str]) -> dict[str, Any]:
-    from sftjobs.steps.model import check_model_dir
+    from sftjobs.io.model_files import check_model_dir
 
     problems: list[str] = []
     details: dict[str, Any] = {}
@@ -456,7 +456,7 @@ def _dataset_rows(ctx, name: str, file: Path) -> int:
     except (OSError, ValueError, AttributeError):
         pass
     try:
-        from sftjobs.steps.data import sniff_container
+        from sftjobs.io.data_files import sniff_container
 
         if sniff_container(file) == "jsonl":
             with open(file, "rb") as handle:
@@ -638,7 +638,7 @@ def check_memory(deepspeed: str, n_params: int, largest: int, gpus_per_node: int
 
 
 def _first_records(path: Path, n: int) -> list[Any]:
-    from sftjobs.steps.data import iter_records
+    from sftjobs.io.data_files import iter_records
 
     rows = []
     for record in iter_records(path):

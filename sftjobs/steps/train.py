@@ -1,4 +1,4 @@
-"""The train step: LLaMA-Factory's training (sftjobs.steps.lf_train: its run_exp(), as ``llamafactory-cli train``
+"""The train step: LLaMA-Factory's training (sftjobs.trainer.entry: its run_exp(), as ``llamafactory-cli train``
 runs it, plus sftjobs' speed.* additions) with the run's YAML, resuming from the newest complete checkpoint.
 Distributed runs go through torchrun exactly as ``FORCE_TORCHRUN=1 llamafactory-cli train`` would start them.
 
@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from sftjobs.errors import SftjobsError
-from sftjobs.steps.context import StepContext
-from sftjobs.steps.monitor import Sampler
+from sftjobs.node.context import StepContext
+from sftjobs.node.monitor import Sampler
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -79,7 +79,7 @@ def training_command(config: Path, resume: Path | None, speed: dict | None = Non
     env = os.environ if env is None else env
     python = python or sys.executable
     speed = speed or {}
-    entry = ["-m", "sftjobs.steps.lf_train"]
+    entry = ["-m", "sftjobs.trainer.entry"]
     if speed.get("balance_ranks"):
         entry.append("--balance-ranks")
     if speed.get("per_sample_attention"):

@@ -330,7 +330,7 @@ def _prompt_messages(row: dict[str, Any], entry: dict[str, Any]) -> list[dict[st
 def sample_prompts(dataset_dir: str | os.PathLike, preferred: Iterable[str], n: int = N_PROMPTS) -> dict[str, Any]:
     """Up to ``n`` prompts (as chat messages) from the first rows of a file registered in dataset_info.json:
     the first of ``preferred`` that is registered and readable."""
-    from sftjobs.steps.data import iter_records
+    from sftjobs.io.data_files import iter_records
 
     info = json.loads((Path(dataset_dir) / "dataset_info.json").read_text(encoding="utf-8"))
     for name in list(preferred) + list(info):

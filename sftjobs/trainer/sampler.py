@@ -43,7 +43,7 @@ import heapq
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
-from sftjobs.steps.split_attention import half_length
+from sftjobs.trainer.attention.split import half_length
 
 LAYOUTS = ("rounds", "ranks")
 SPLIT_MIN_TOKENS = 16  # shorter samples are never split (each of the four chunks keeps a few tokens)

@@ -1,7 +1,7 @@
 """What every training process runs: LLaMA-Factory's own ``run_exp()`` (what ``llamafactory-cli train CFG.yaml``
 runs) with sftjobs' in-process additions.
 
-    python -m sftjobs.steps.lf_train [--balance-ranks | --pack-rank-samples [--skip-idle-micro-steps]
+    python -m sftjobs.trainer.entry [--balance-ranks | --pack-rank-samples [--skip-idle-micro-steps]
                                      [--split-long-samples]] [--per-sample-attention]
                                      [--cudnn-attention-bucket N] [--memory-log PREFIX]
                                      CFG.yaml [key=value ...]
@@ -38,7 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sftjobs.steps import rank_balance, split_attention
+from sftjobs.trainer import sampler as rank_balance
+from sftjobs.trainer.attention import split as split_attention
 
 LENGTH_SLICE = 4096  # rows per Arrow slice when reading token counts
 IGNORE_INDEX = split_attention.IGNORE_INDEX  # LLaMA-Factory's and transformers' label for "no loss here"
@@ -271,7 +272,7 @@ def install_pack_rank_samples(skip_idle: bool = False, split: bool = False) -> N
     where flash-attn is installed: a packed row's mask is all ones); with ``skip_idle``
     (speed.skip_idle_micro_steps) idle micro-steps are skipped; with ``split`` (speed.split_long_samples) long
     samples may be split over a rank pair."""
-    from sftjobs.steps import per_sample_attention
+    from sftjobs.trainer.attention import per_sample as per_sample_attention
 
     install_balanced_sampler(pack=True, split=split)
     install_packed_rows(skip_idle)
@@ -453,7 +454,7 @@ def install_cudnn_attention(bucket: int, config: str, overrides: list[str]) -> N
     ``bucket``, with graphs built for every padded length up to the run's cutoff_len."""
     import yaml
 
-    from sftjobs.steps import per_sample_attention
+    from sftjobs.trainer.attention import per_sample as per_sample_attention
 
     cutoff = (yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}).get("cutoff_len")
     for item in overrides:
@@ -472,7 +473,7 @@ def install_cudnn_attention(bucket: int, config: str, overrides: list[str]) -> N
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m sftjobs.steps.lf_train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m sftjobs.trainer.entry", description=__doc__.splitlines()[0])
     parser.add_argument("--balance-ranks", action="store_true")
     parser.add_argument("--per-sample-attention", action="store_true")
     parser.add_argument("--pack-rank-samples", action="store_true")
@@ -498,7 +499,7 @@ def main(argv: list[str] | None = None) -> None:
     elif opts.balance_ranks:
         install_balanced_sampler()
     if opts.per_sample_attention and not opts.pack_rank_samples:
-        from sftjobs.steps import per_sample_attention
+        from sftjobs.trainer.attention import per_sample as per_sample_attention
 
         per_sample_attention.install(log=log)
     if opts.cudnn_attention_bucket:

@@ -354,7 +354,7 @@ def make_demo_model(
     another real shape is an error, never overwritten. Built in a temp folder beside ``local_dir`` and moved in
     file by file, so an interrupted run leaves either the old files or the new ones.
     """
-    from sftjobs.steps.model import check_model_dir
+    from sftjobs.io.model_files import check_model_dir
 
     dims = synthetic_shape(shape)
     local_dir = Path(local_dir)

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sftjobs.demo_assets import DEMO_TOKENIZER_VOCAB, SYNTHETIC_SHAPES
 from sftjobs.errors import SftjobsError
+from sftjobs.io.demo_assets import DEMO_TOKENIZER_VOCAB, SYNTHETIC_SHAPES
 
 if TYPE_CHECKING:
     from sftjobs.profile import Profile

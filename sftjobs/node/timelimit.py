@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from sftjobs.steps.context import StepContext
+from sftjobs.node.context import StepContext
 from sftjobs.steps.preflight import _dataset_rows, training_steps
 from sftjobs.steps.validate import read_trainer_log
 

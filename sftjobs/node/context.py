@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from sftjobs.fsutil import atomic_write_json
-from sftjobs.plan import Plan, Step
+from sftjobs.planning.dag import Plan, Step
 
 
 @dataclass

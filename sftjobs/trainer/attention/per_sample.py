@@ -27,7 +27,7 @@ import time
 import weakref
 from typing import Any
 
-from sftjobs.steps import split_attention
+from sftjobs.trainer.attention import split as split_attention
 
 NAME = "sftjobs_per_sample_sdpa"
 USE_VARLEN = True  # the benchmark harness turns it off to time the per-sample SDPA loop (BENCH_ATTN_LOOP=1)
