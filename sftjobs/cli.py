@@ -30,8 +30,14 @@ def cmd_profiles(args: argparse.Namespace) -> int:
             summary = read_yaml_mapping(path).get("description", "")
         except SftjobsError as exc:
             summary = f"(broken: {exc})"
-        print(f"{name:<{width}}  {summary}  [{path}]")
+        print(f"{_one_line(name):<{width}}  {_one_line(summary)}  [{_one_line(path)}]")
     return 0
+
+
+def _one_line(value: object) -> str:
+    """Text from a file shown on one terminal line: a newline or an escape sequence is shown escaped."""
+    text = str(value)
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def cmd_render(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ import yaml
 
 from sftjobs.datasets import DATASET_NAMES
 from sftjobs.errors import SftjobsError
+from sftjobs.fsutil import SNIFF_BYTES, not_utf8_advice, sniff_not_utf8
 from sftjobs.planning.batch import global_size_problem
 from sftjobs.resources import shipped_dir
 from sftjobs.spec import ProfileSpec, spec_of
@@ -53,26 +54,37 @@ def _at_least(low: float) -> Callable[[Any], str | None]:
 
 
 def _time(v: Any) -> str | None:
-    return None if v is None or _TIME_RE.match(str(v)) else "must be a Slurm time like 02:00:00, 90 or 1-12:00:00"
+    return None if v is None or _TIME_RE.fullmatch(str(v)) else "must be a Slurm time like 02:00:00, 90 or 1-12:00:00"
 
 
 def _mem(v: Any) -> str | None:
-    return None if v is None or _MEM_RE.match(str(v)) else "must be a Slurm memory size like 64G or 16000M"
+    return None if v is None or _MEM_RE.fullmatch(str(v)) else "must be a Slurm memory size like 64G or 16000M"
 
 
 # Values that become #SBATCH lines: sbatch reads those line by line, so a newline or quote would end the
-# directive early and leave the rest to the shell. Slurm names never need them.
+# directive early and leave the rest to the shell. Slurm names never need them. fullmatch, not match: "$" also
+# matches before a trailing newline.
 _SBATCH_TOKEN = re.compile(r"^[A-Za-z0-9_.,:=+@%/\[\]&|!*-]+$")
 
 
 def _sbatch_token(v: Any) -> str | None:
-    return None if v is None or _SBATCH_TOKEN.match(str(v)) else "may hold only letters, digits and _.,:=+@%/[]&|!*- (no spaces, quotes or newlines)"
+    return None if v is None or _SBATCH_TOKEN.fullmatch(str(v)) else "may hold only letters, digits and _.,:=+@%/[]&|!*- (no spaces, quotes or newlines)"
 
 
 def _sbatch_flags(v: Any) -> str | None:
     for flag in v:
-        if not isinstance(flag, str) or not flag.startswith("--") or not _SBATCH_TOKEN.match(flag):
+        if not isinstance(flag, str) or not flag.startswith("--") or not _SBATCH_TOKEN.fullmatch(flag):
             return f"must be a list of --flag or --flag=value strings without spaces, quotes or newlines ({flag!r})"
+    return None
+
+
+def _shell_lines(v: Any) -> str | None:
+    for n, line in enumerate(v, 1):
+        if not isinstance(line, str):
+            return f"must be a list of shell lines (strings); entry {n} is {line!r}"
+        if any(c in line for c in "\n\r\0"):
+            return (f"entry {n} holds a newline, carriage return or NUL ({line!r}); each entry is one shell line: "
+                    "put each line in an entry of its own")
     return None
 
 
@@ -130,7 +142,7 @@ SCHEMA: dict[str, Key] = {
     "resources.cpu_step_mem": Key(OPT_STR, "16G", _mem),
     "resources.cpu_step_time": Key((str, int, type(None)), "04:00:00", _time),
     "launcher.python": Key(OPT_STR, None, help="python on the nodes (default: the one running sftjobs)"),
-    "launcher.setup": Key(list, [], help="shell lines run before each step (module load, source venv)"),
+    "launcher.setup": Key(list, [], _shell_lines, help="shell lines run before each step (module load, source venv)"),
     "launcher.master_port_base": Key(int, 20000, _at_least(1024)),
     "speed.balance_ranks": Key(bool, False, help="spread each optimizer step's samples over the GPUs by length "
                                "(the same samples per step; less waiting for the longest one)"),
@@ -152,6 +164,15 @@ SCHEMA: dict[str, Key] = {
     "train": Key(dict, {}, help="LLaMA-Factory keys, passed through"),
 }
 SECTIONS = {k.split(".")[0] for k in SCHEMA if "." in k}
+# Keys naming a path, a program or a hub file: an empty value (`--set output_dir=` with an unset shell variable)
+# would silently mean the current directory, so it is refused rather than taken.
+NONBLANK_KEYS = ("output_dir", "model.hub_id", "model.revision", "model.local_dir", "model.path", "data.hub_repo",
+                 "data.hub_file", "data.revision", "data.path", "data.dir", "launcher.python")
+# The profile's file name becomes the run id, the run directory's name, the Slurm job name and a comment in
+# every rendered file: it is refused unless it is made of these (what Slurm users name jobs with anyway).
+PROFILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,99}")
+PROFILE_NAME_RULE = ("letters, digits and . _ - (matching [A-Za-z0-9._-], not starting with '-' or '.', "
+                     "at most 100 characters)")
 
 # LLaMA-Factory keys that sftjobs owns: a profile sets them through its own keys instead.
 MANAGED_TRAIN_KEYS = {
@@ -255,9 +276,20 @@ def list_profile_names() -> dict[str, Path]:
 
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        blob = path.read_bytes()
     except OSError as exc:
         raise SftjobsError(f"cannot read profile {path}: {exc.strerror}.") from None
+    found = sniff_not_utf8(blob[:SNIFF_BYTES])
+    if found is not None:
+        raise SftjobsError(f"profile {not_utf8_advice(path, found, 'profile', 'give the path of the YAML profile itself')}.")
+    try:
+        text = blob.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = blob[: exc.start].count(b"\n") + 1
+        raise SftjobsError(
+            f"profile {path} is not UTF-8 text: byte 0x{blob[exc.start]:02x} on line {line} is not UTF-8 "
+            f"({exc.reason}). If the file was saved as Latin-1 or Windows-1252, convert it, e.g. "
+            f"`iconv -f LATIN1 -t UTF-8 {path} > {path.with_name(path.stem + '.utf8' + path.suffix)}`.") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -270,6 +302,16 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SftjobsError(f"profile {path} must be a YAML mapping of keys, not a {type(data).__name__}.")
     return data
+
+
+def check_profile_name(path: Path) -> None:
+    """The file name of the profile a run is made from must be safe as a run id, job name and directory name."""
+    if not PROFILE_NAME.fullmatch(path.stem):
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem).lstrip("-.")[:100] or "my_profile"
+        raise SftjobsError(
+            f"profile file {str(path)!r}: its name {path.stem!r} becomes the run id, the run directory, the Slurm "
+            f"job name and a comment in the launch scripts, so it may hold only {PROFILE_NAME_RULE}. Rename the "
+            f"file, e.g. to {safe + path.suffix!r}.")
 
 
 def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -377,9 +419,16 @@ def validate(raw: dict[str, Any], where: str) -> dict[str, Any]:
             options = [k for k in SCHEMA if k.startswith(section + ".")] if "." in key else list(SCHEMA)
             hint = _did_you_mean(key, options) or _did_you_mean(key, SCHEMA.keys())
             raise SftjobsError(f"{where}: unknown key {key!r}{hint}. Known keys are listed in configs/toy.yaml.")
+        if (inner := _nul_in(value)) is not None:
+            raise SftjobsError(f"{where}: key {key + inner!r} holds a NUL character ({value!r}); no path, name or "
+                               "value can hold one. Remove it.")
     values: dict[str, Any] = {}
     for key, spec in SCHEMA.items():
         value = flat.get(key, copy.deepcopy(spec.default))
+        if key in NONBLANK_KEYS and isinstance(value, str) and not value.strip():
+            raise SftjobsError(f"{where}: key {key!r} is empty ({value!r}); an empty path would mean the current "
+                               "directory. Give it a value (an unset shell variable in --set gives an empty one)"
+                               + (", or null to leave it unset." if spec.type == OPT_STR else "."))
         if value is None and spec.default is None and type(None) not in (spec.type if isinstance(spec.type, tuple) else (spec.type,)):
             if key == "output_dir":
                 raise SftjobsError(f"{where}: key 'output_dir' is missing. Set it to the checkpoint directory, e.g. output_dir: ./checkpoints/my_run.")
@@ -395,6 +444,23 @@ def validate(raw: dict[str, Any], where: str) -> dict[str, Any]:
     _validate_train(values["train"], where)
     _validate_relations(values, where)
     return values
+
+
+def _nul_in(value: Any) -> str | None:
+    """"" when ``value`` is a string holding NUL, ".sub.key" or "[n]" when something inside it does, else None."""
+    if isinstance(value, str):
+        return "" if "\0" in value else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if isinstance(k, str) and "\0" in k:
+                return f".{k}"
+            if (inner := _nul_in(v)) is not None:
+                return f".{k}{inner}"
+    if isinstance(value, list):
+        for n, v in enumerate(value):
+            if (inner := _nul_in(v)) is not None:
+                return f"[{n}]{inner}"
+    return None
 
 
 def _validate_train(train: dict[str, Any], where: str) -> None:
@@ -468,6 +534,7 @@ def _validate_relations(v: dict[str, Any], where: str) -> None:
 def load_profile(ref: str, overrides: list[str] | None = None) -> Profile:
     """Find, read, merge (extends), override (--set) and validate one profile."""
     path = find_profile(ref)
+    check_profile_name(path)
     raw, chain = _load_chain(path, [])
     raw.pop("extends", None)
     overrides = list(overrides or [])
@@ -476,6 +543,7 @@ def load_profile(ref: str, overrides: list[str] | None = None) -> Profile:
         if key == "extends":
             raise SftjobsError("--set extends=... is not supported; pass the parent profile as PROFILE instead.")
         apply_override(raw, key, value)
-    where = str(path) + (f" (with --set {' '.join(overrides)})" if overrides else "")
+    shown = [o if o.isprintable() else repr(o) for o in overrides]  # a newline in a value keeps the message one line
+    where = str(path) + (f" (with --set {' '.join(shown)})" if overrides else "")
     values = validate(raw, where)
     return Profile(name=path.stem, source=str(path), values=values, chain=chain, overrides=overrides)

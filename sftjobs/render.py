@@ -55,6 +55,18 @@ def training_config(profile: Profile, paths: RunPaths, target: str) -> dict[str,
     }
 
 
+def _check_training_yaml(name: str, text: str, config: dict[str, Any]) -> None:
+    """The rendered YAML must read back as exactly the keys and values meant, whatever the profile's text held
+    (a newline, "#", ": ", Jinja or YAML syntax): nothing from a value may become a key of its own."""
+    expected = {"model_name_or_path": config["model_dir"], **config["train"], "dataset_dir": config["dataset_dir"],
+                "dataset": config["dataset"], "output_dir": config["output_dir"], "overwrite_output_dir": False}
+    if config["deepspeed_config"]:
+        expected["deepspeed"] = config["deepspeed_config"]
+    if yaml.safe_load(text) != expected:
+        raise SftjobsError(f"rendering {name}: the YAML does not read back as the profile's values; this is a bug in "
+                           "templates/llamafactory.yaml.j2 or sftjobs' renderer, please report it with the profile")
+
+
 def render_files(run: PlannedRun) -> dict[str, str]:
     """Every file of the run directory as text, keyed by path relative to the run directory.
 
@@ -67,9 +79,9 @@ def render_files(run: PlannedRun) -> dict[str, str]:
     typed = effective.spec
     files: dict[str, str] = {}
     for target, name in (("full", "llamafactory/train.yaml"), ("dry_run", "llamafactory/dry_run.yaml")):
-        text = render_template("llamafactory.yaml.j2", profile_name=profile.name, target=target,
-                               **training_config(effective, paths, target))
-        yaml.safe_load(text)
+        config = training_config(effective, paths, target)
+        text = render_template("llamafactory.yaml.j2", profile_name=profile.name, target=target, **config)
+        _check_training_yaml(name, text, config)
         files[name] = text
     if typed.deepspeed != "none":
         stage, offload = DEEPSPEED_STAGES[typed.deepspeed]

@@ -56,6 +56,7 @@ def prepare(profile_ref: str, overrides: list[str], dry_run_first: bool, executo
     plan = build_plan(profile, dry_run_first=dry_run_first)
     run_id = new_run_id(profile.name)
     run_dir = run_dir_for(run_id)
+    backend.check_run_dir(run_dir)
     return Prepared(profile, plan, run_id, run_dir, render_files(plan_run(profile, plan, run_dir, run_id)), backend, name, why)
 
 

@@ -1,6 +1,7 @@
 """Every profile mistake: one clear message naming the file and key, exit code 2, no traceback, nothing written."""
 
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -68,6 +69,28 @@ CASES = [
     ("balance-ranks-not-bool", "extends: toy\nspeed:\n  balance_ranks: maybe\n", [], ["speed.balance_ranks", "true/false"]),
     ("missing-output-dir", "model:\n  hub_id: a/b\n  local_dir: ./m\ndata:\n  hub_repo: a/b\n  hub_file: f.jsonl\n", [],
      ["output_dir", "missing"]),
+    # empty or blank paths (`--set output_dir=$UNSET`) would mean the current directory
+    ("empty-output-dir", "extends: toy\n", ["output_dir="], ["'output_dir' is empty", "current directory"]),
+    ("blank-output-dir", "extends: toy\noutput_dir: '   '\n", [], ["'output_dir' is empty"]),
+    ("empty-data-dir", "extends: toy\n", ["data.dir="], ["'data.dir' is empty"]),
+    ("empty-data-path", "extends: toy\n", ["data.source=path", "data.path="], ["'data.path' is empty"]),
+    ("empty-model-local-dir", "extends: toy\n", ["model.local_dir= "], ["'model.local_dir' is empty"]),
+    ("empty-model-path", "extends: toy\n", ["model.source=path", "model.path="], ["'model.path' is empty"]),
+    ("empty-hub-file", "extends: toy\n", ["data.hub_file="], ["'data.hub_file' is empty"]),
+    ("empty-launcher-python", "extends: toy\n", ["launcher.python="], ["'launcher.python' is empty"]),
+    # characters no value can hold, and values bound for #SBATCH lines with a trailing line break ("$" in a
+    # regex matches before it, so these once passed)
+    ("nul-in-value", 'extends: toy\ndescription: "a\\0b"\n', [], ["'description'", "NUL"]),
+    ("nul-in-train-value", 'extends: toy\ntrain:\n  run_name: "x\\0"\n', [], ["'train.run_name'", "NUL"]),
+    ("partition-trailing-newline", "extends: toy\n", ["resources.partition=gpu\n"], ["resources.partition", "newlines"]),
+    ("sbatch-extra-trailing-newline", 'extends: toy\nresources:\n  sbatch_extra: ["--comment=a\\n"]\n', [],
+     ["resources.sbatch_extra", "newlines"]),
+    ("mem-trailing-newline", 'extends: toy\nresources:\n  mem: "64G\\n"\n', [], ["resources.mem", "64G"]),
+    ("time-trailing-newline", 'extends: toy\nresources:\n  time: "02:00:00\\n"\n', [], ["resources.time", "Slurm time"]),
+    ("setup-line-with-newline", 'extends: toy\nlauncher:\n  setup: ["module load x\\ntouch PWNED"]\n', [],
+     ["launcher.setup", "one shell line"]),
+    ("setup-line-with-cr", 'extends: toy\nlauncher:\n  setup: ["module load x\\r"]\n', [], ["launcher.setup", "carriage return"]),
+    ("setup-line-not-text", "extends: toy\nlauncher:\n  setup: [{a: b}]\n", [], ["launcher.setup", "strings"]),
 ]
 
 
@@ -132,3 +155,95 @@ def test_profiles_command_lists_each_with_summary(in_tmp, capsys):
     out = capsys.readouterr().out
     for name in ("toy", "prod", "demo"):
         assert any(line.startswith(name + " ") and "Stage" in line or "demo" in line for line in out.splitlines())
+
+
+# The profile's file name becomes the run id, the run directory, the Slurm job name and comments in the rendered
+# files: every character that could end a comment, a shell word, an #SBATCH line or a squeue field is refused.
+UNSAFE_NAMES = [
+    ("newline", "x\ny$(touch PWNED)"),
+    ("carriage-return", "x\rtouch PWNED"),
+    ("quotes", "a'b\"c"),
+    ("command-substitution", "a$(touch PWNED)b"),
+    ("backticks", "a`touch PWNED`b"),
+    ("semicolon", "a;touch PWNED"),
+    ("hash", "a#b"),
+    ("yaml-syntax", "key: [value]"),
+    ("jinja-expression", "{{ 7*7 }}"),
+    ("jinja-statement", "{% raw %}x"),
+    ("space", "my stage"),
+    ("pipe", "a|b"),
+    ("percent", "stage%j"),
+    ("leading-dash", "-x"),
+    ("leading-dot", ".hidden"),
+    ("too-long", "x" * 101),
+]
+
+
+@pytest.mark.parametrize("name", [n for _, n in UNSAFE_NAMES], ids=[i for i, _ in UNSAFE_NAMES])
+def test_unsafe_profile_file_name_is_refused_at_once(name, in_tmp, capsys):
+    path = in_tmp / f"{name}.yaml"
+    path.write_text("extends: toy\n")
+    assert main(["render", str(path), "--out", str(in_tmp / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sftjobs: error: ") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err  # the name is shown escaped, never as a line break
+    assert repr(str(path)) in err and "[A-Za-z0-9._-]" in err and "not starting with '-' or '.'" in err
+    assert not (in_tmp / "out").exists() and not list(in_tmp.rglob("PWNED*"))
+
+
+def test_safe_profile_file_names_are_taken(in_tmp, capsys):
+    for name in ("stage_2-qwen.v1", "_x", "A" * 100):
+        (in_tmp / f"{name}.yaml").write_text("extends: toy\n")
+        assert main(["render", str(in_tmp / f"{name}.yaml"), "--out", str(in_tmp / name)]) == 0
+        assert f"run of {name}." in (in_tmp / name / "llamafactory" / "train.yaml").read_text()
+
+
+def _latin1(text: str) -> bytes:
+    return text.encode("latin-1")
+
+
+# profile files that are not UTF-8 text: bytes, the words of the one message
+NOT_UTF8 = [
+    ("gzip", lambda t: __import__("gzip").compress(t.encode()), ["gzip-compressed", "gunzip -c"]),
+    ("binary", lambda t: bytes(range(256)) * 4, ["binary", "NUL"]),
+    ("latin-1", lambda t: _latin1(t + "description: caf\u00e9 cr\u00e8me\n"), ["not UTF-8 text", "line 2",
+                                                                            "iconv -f LATIN1 -t UTF-8"]),
+    ("utf-16-bom", lambda t: t.encode("utf-16"), ["UTF-16 (little-endian, with a byte-order mark)", "iconv -f UTF-16 "]),
+    ("utf-16le", lambda t: t.encode("utf-16-le"), ["UTF-16 (little-endian, no byte-order mark)", "iconv -f UTF-16LE"]),
+    ("utf-16be", lambda t: t.encode("utf-16-be"), ["UTF-16 (big-endian, no byte-order mark)", "iconv -f UTF-16BE"]),
+    ("utf-32-bom", lambda t: t.encode("utf-32"), ["UTF-32 (little-endian, with a byte-order mark)", "iconv -f UTF-32 "]),
+]
+
+
+@pytest.mark.parametrize("case_id,encode,words", NOT_UTF8, ids=[c[0] for c in NOT_UTF8])
+def test_profile_that_is_not_utf8_text(case_id, encode, words, in_tmp):
+    path = in_tmp / f"{case_id}.yaml"
+    path.write_bytes(encode("extends: toy\n"))
+    result = run_cli("render", str(path), "--out", str(in_tmp / "out"), cwd=in_tmp)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    for word in [str(path), *words]:
+        assert word in result.stderr, f"{word!r} not in {result.stderr!r}"
+    assert not (in_tmp / "out").exists()
+
+
+def test_parent_profile_that_is_not_utf8_text(in_tmp, capsys):
+    (in_tmp / "parent.yaml").write_bytes("extends: toy\n".encode("utf-16"))
+    (in_tmp / "child.yaml").write_text("extends: ./parent.yaml\n")
+    assert main(["render", str(in_tmp / "child.yaml"), "--out", str(in_tmp / "out")]) == 2
+    err = capsys.readouterr().err
+    assert str(in_tmp / "parent.yaml") in err and "UTF-16" in err and "Traceback" not in err
+
+
+def test_suggested_iconv_command_gives_a_profile_that_loads(in_tmp):
+    import re
+    import shlex
+    import subprocess
+
+    path = in_tmp / "wide.yaml"
+    path.write_bytes("extends: toy\ndescription: \u00e9t\u00e9 \u4f60\u597d\n".encode("utf-16"))
+    err = run_cli("render", str(path), cwd=in_tmp).stderr
+    command = re.search(r"`(iconv [^`]+)`", err).group(1)
+    subprocess.run(command, shell=True, check=True, cwd=in_tmp)  # the message's own command, as a user pastes it
+    converted = Path(shlex.split(command)[-1])
+    assert load_profile(str(converted)).values["description"] == "\u00e9t\u00e9 \u4f60\u597d"

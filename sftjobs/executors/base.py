@@ -49,6 +49,12 @@ class StepState:
 class Executor(abc.ABC):
     name: str = ""
 
+    def check_run_dir(self, run_dir: Path) -> None:
+        """Refuse a run directory this backend cannot hand on safely (before anything is written there).
+
+        Every path is safe for the local backends; Slurm's overrides this (sbatch mangles some characters)."""
+        return None
+
     @abc.abstractmethod
     def prepare(self, plan: Plan, run_dir: Path) -> list[Request]:
         """The requests a submit would send, with placeholders for job ids not known yet."""

@@ -8,6 +8,7 @@ checked with psutil so a runner that died is reported, not shown RUNNING forever
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -110,7 +111,8 @@ class LocalExecutor(Executor):
     name = "local"
 
     def prepare(self, plan: Plan, run_dir: Path) -> list[Request]:
-        return [Request(s.name, s.after, f"bash {run_dir / s.script}  > {step_log(run_dir, s.name)} 2>&1")
+        return [Request(s.name, s.after, f"bash {shlex.quote(str(run_dir / s.script))}  > "
+                                         f"{shlex.quote(str(step_log(run_dir, s.name)))} 2>&1")
                 for s in plan.steps]
 
     def submit(self, plan: Plan, run_dir: Path) -> dict[str, str]:
@@ -160,7 +162,8 @@ class DebugExecutor(LocalExecutor):
     name = "debug"
 
     def prepare(self, plan: Plan, run_dir: Path) -> list[Request]:
-        return [Request(s.name, s.after, f"in-process: sftjobs.steps {s.name} --run-dir {run_dir}") for s in plan.steps]
+        return [Request(s.name, s.after, f"in-process: sftjobs.steps {s.name} --run-dir {shlex.quote(str(run_dir))}")
+                for s in plan.steps]
 
     def submit(self, plan: Plan, run_dir: Path) -> dict[str, str]:
         from sftjobs.node.runtime import main as step_main

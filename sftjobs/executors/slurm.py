@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -13,8 +14,25 @@ from sftjobs.errors import SftjobsError
 from sftjobs.executors.base import Executor, Request, StepState
 from sftjobs.planning.dag import Plan, Step
 
-SQUEUE_FORMAT = "%i|%j|%T|%r|%D|%N|%M|%l"
-SACCT_FIELDS = "JobID,JobName,State,ExitCode,Elapsed,NNodes,NodeList,Reason"
+# No job names: squeue -a lists every user's jobs, and a name is free text (a "|" or a newline in someone else's
+# job name would shift the fields or forge a line); sftjobs tracks its jobs by id only.
+SQUEUE_FORMAT = "%i|%T|%r|%D|%N|%M|%l"
+SACCT_FIELDS = "JobID,State,ExitCode,Elapsed,NNodes,NodeList,Reason"
+# sbatch reads #SBATCH lines one line at a time and takes a backslash as an escape even inside quotes (Slurm
+# 22.05: a job name "a\b" becomes "ab"), and Slurm expands "%" in --output paths (%j, %x, ...): none of these
+# can be quoted there. Spaces, quotes, $, ;, # and backticks are fine: submitit quotes them (shlex) and sbatch
+# reads the quotes.
+_SBATCH_UNQUOTABLE = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029\\%]")
+
+
+def check_sbatch_text(text: str, what: str) -> None:
+    """Refuse text bound for an #SBATCH line that sbatch cannot read back as written."""
+    bad = _SBATCH_UNQUOTABLE.search(text)
+    if bad:
+        raise SftjobsError(
+            f"{what} {text!r} holds {bad.group()!r}: it goes into the job's #SBATCH lines, where sbatch ends a line "
+            "at a newline, drops backslashes and expands '%', so no control character, backslash or '%' can be "
+            "quoted there. Use a path without them (set SFTJOBS_JOBS_DIR to another directory).")
 
 
 def slurm_minutes(value: str) -> int:
@@ -63,12 +81,17 @@ class SlurmExecutor(Executor):
         if need_sbatch and shutil.which("sbatch") is None:
             raise SftjobsError("the slurm executor needs sbatch on PATH; use --executor local on a machine without Slurm.")
         # submitit's own wrapper runs with this python on the node (the same venv, on a shared filesystem);
-        # the step itself runs with the profile's launcher.python from the launch script.
-        self.python = sys.executable
+        # the step itself runs with the profile's launcher.python from the launch script. submitit puts a
+        # python it is given into the command line as it is, so it is quoted here (a venv path with a space).
+        self.python = shlex.quote(sys.executable)
         self._limits: dict[str, PartitionLimits] | None = None
 
     def _executor(self, run_dir: Path, step: Step, parent_ids: list[str]):
         import submitit  # only submitting needs it; tracking (status, cancel) stays light
+
+        self.check_run_dir(run_dir)
+        job_name = f"sftjobs:{run_dir.name}:{step.name}"
+        check_sbatch_text(job_name, "the Slurm job name")
 
         # submitit requeues a Checkpointable step that reaches its time limit at most max_num_timeout times
         # (default 3): a long run on a partition with a short MaxTime needs more
@@ -77,11 +100,13 @@ class SlurmExecutor(Executor):
         try:
             limits = self.limits_for(step)
             implicit = limits.implicit_minutes() if limits else NO_LIMIT_MINUTES
-            executor.update_parameters(**sbatch_parameters(step, parent_ids, f"sftjobs:{run_dir.name}:{step.name}",
-                                                           implicit))
+            executor.update_parameters(**sbatch_parameters(step, parent_ids, job_name, implicit))
         except ValueError as exc:
             raise SftjobsError(f"step {step.name}: bad sbatch parameters from the profile's resources: {exc}") from None
         return executor
+
+    def check_run_dir(self, run_dir: Path) -> None:
+        check_sbatch_text(str(run_dir / "slurm"), "the run directory")
 
     def prepare(self, plan: Plan, run_dir: Path) -> list[Request]:
         requests = []
@@ -180,9 +205,9 @@ def squeue_states() -> dict[str, StepState]:
     states = {}
     for line in _run(["squeue", "-h", "-a", "-o", SQUEUE_FORMAT]).splitlines():
         fields = line.split("|")
-        if len(fields) != 8:
+        if len(fields) != 7:
             continue
-        job_id, _name, state, reason, nodes, nodelist, elapsed, _limit = fields
+        job_id, state, reason, nodes, nodelist, elapsed, _limit = fields
         states[job_id] = StepState(state, reason="" if reason == "None" else reason, elapsed=elapsed,
                                    nodes=int(nodes) if nodes.isdigit() else None, nodelist=nodelist)
     return states
@@ -196,9 +221,9 @@ def sacct_states(job_ids: list[str]) -> dict[str, StepState]:
     states: dict[str, StepState] = {}
     for line in out.splitlines():
         fields = line.split("|")
-        if len(fields) != 8:
+        if len(fields) != 7:
             continue
-        job_id, _name, state, exit_code, elapsed, nodes, nodelist, reason = fields
+        job_id, state, exit_code, elapsed, nodes, nodelist, reason = fields
         if not re.fullmatch(r"\d+", job_id):
             continue
         restarts = states[job_id].restarts + 1 if job_id in states else 0

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -32,7 +33,7 @@ from typing import Any, BinaryIO, Literal
 
 from sftjobs import datasets
 from sftjobs.errors import SftjobsError
-from sftjobs.fsutil import atomic_write_json
+from sftjobs.fsutil import SNIFF_BYTES, atomic_write_json, not_utf8_advice, sniff_not_utf8
 from sftjobs.io.model_files import env_token
 
 Shape = Literal["sharegpt", "alpaca"]
@@ -165,9 +166,24 @@ class RawRecord:
         return f"line {self.line}" if self.index == self.line else f"record {self.index} (line {self.line})"
 
 
+def check_utf8_head(path: Path) -> None:
+    """Refuse a file that is plainly not UTF-8 (UTF-16/32 with or without a byte-order mark, gzip, binary),
+    saying what it is and how to convert it. Read line by line, a UTF-16 file would be half-read: its first
+    line passes (json.loads guesses UTF-16 from bytes), a stray NUL counts as a record, and its raw bytes would
+    be copied into the training file."""
+    with open(path, "rb") as handle:
+        head = handle.read(SNIFF_BYTES)
+    found = sniff_not_utf8(head)
+    if found is not None:
+        raise SftjobsError(not_utf8_advice(path, found, "data file", "point data.path or data.hub_file at the JSON "
+                                                                   "Lines or JSON file itself"))
+
+
 def sniff_container(path: Path) -> Literal["jsonl", "json-array"]:
     """A file whose first non-blank character is ``[`` is one JSON array; anything else is read as
-    JSON Lines. Judged by content, not by extension: hub data sets often name JSON Lines ``.json``."""
+    JSON Lines. Judged by content, not by extension: hub data sets often name JSON Lines ``.json``.
+    A file that is not UTF-8 text is refused here (check_utf8_head)."""
+    check_utf8_head(path)
     with open(path, "rb") as handle:
         while chunk := handle.read(65536):
             stripped = chunk.lstrip(codecs.BOM_UTF8).lstrip(b" \t\r\n")
@@ -215,18 +231,25 @@ def _iter_jsonl(path: Path, handle: BinaryIO, hasher: Any) -> Iterator[RawRecord
             continue  # blank lines (e.g. a trailing one) are not records
         index += 1
         try:
-            value = json.loads(body)
+            # Decoded strictly first: json.loads(bytes) would guess UTF-16/32 and pass UTF-8-encoded surrogates,
+            # and a line that parsed is copied byte for byte into the training file, which must be UTF-8.
+            value = json.loads(body.decode("utf-8"))
         except UnicodeDecodeError as exc:
             yield RawRecord(index, line_no, raw=body, error=f"not valid UTF-8 ({exc.reason} at byte {exc.start})")
             continue
         except ValueError as exc:
-            msg = getattr(exc, "msg", str(exc))
-            col = getattr(exc, "colno", None)
-            yield RawRecord(
-                index, line_no, raw=body, error=f"not valid JSON: {msg}" + (f" at column {col}" if col else "")
-            )
+            yield RawRecord(index, line_no, raw=body, error=f"not valid JSON: {_json_problem(exc)}")
             continue
         yield RawRecord(index, line_no, value=value, raw=body)
+
+
+def _json_problem(exc: ValueError) -> str:
+    """json's message with its column: "Unterminated string starting at column 9", not "... at at column 9"."""
+    msg = getattr(exc, "msg", str(exc))
+    col = getattr(exc, "colno", None)
+    if not col:
+        return msg
+    return f"{msg} column {col}" if msg.endswith(" at") else f"{msg} at column {col}"
 
 
 def _iter_json_array(path: Path, handle: BinaryIO, hasher: Any) -> Iterator[RawRecord]:
@@ -308,7 +331,8 @@ def _iter_json_array(path: Path, handle: BinaryIO, hasher: Any) -> Iterator[RawR
             except json.JSONDecodeError as exc:
                 incomplete = exc.pos >= len(buf) - 16 or exc.msg.startswith("Unterminated string")
                 if eof or not incomplete:
-                    raise _array_syntax_error(path, index + 1, start_line, f"not valid JSON: {exc.msg}") from exc
+                    what = exc.msg.removesuffix(" at").removesuffix(" starting")  # no position to point at here
+                    raise _array_syntax_error(path, index + 1, start_line, f"not valid JSON: {what}") from exc
             else:
                 # Only a number can parse "successfully" while cut short by the chunk edge ("12" of "123").
                 if eof or type(value) not in (int, float) or (end < len(buf) and buf[end] not in _NUMBER_CHARS):
@@ -618,9 +642,16 @@ def prepare_data(
 def _check_params(
     source: Path, toy_samples: int, max_bad_fraction: float, full_name: str, toy_name: str, expected_shape: str | None
 ) -> None:
+    if source.is_dir():
+        raise SftjobsError(
+            f"Data file {source} is a directory, not a file: point data.path at the JSON Lines or JSON file in it"
+        )
+    if not source.exists():
+        raise SftjobsError(f"Data file {source} does not exist: run the download first, or fix data.path")
     if not source.is_file():
         raise SftjobsError(
-            f"Data file {source} does not exist (or is not a file): run the download first, or fix data.path"
+            f"Data file {source} is not a regular file (a device, FIFO or socket): copy the data into a file and "
+            f"point data.path at it"
         )
     if not (0.0 <= max_bad_fraction <= 1.0):
         raise SftjobsError(f"data.max_bad_fraction must be between 0 and 1, got {max_bad_fraction}")
@@ -664,7 +695,7 @@ def _stream(
         raise SftjobsError(
             f"Cannot read {source}: none of its first {len(head)} records is valid JSON ({listed}). Expected "
             f"JSON Lines (one object per line) or one top-level JSON array; download the file again or "
-            f"point data.hub_file or data.path at the SFT file"
+            f"point data.hub_file or data.path at the SFT file.{_legacy_encoding_hint(source, [r.error for r in head])}"
         )
     shape = detect_shape(parsed)
     if expected_shape is not None and shape != expected_shape:
@@ -725,13 +756,23 @@ def _log_bad(bad_examples: list[dict[str, Any]], bad: int, rows: int, limit: flo
     log(f"{bad} bad of {rows} records ({bad / rows:.2%}); data.max_bad_fraction allows {limit:.2%}")
 
 
+def _legacy_encoding_hint(source: Path, reasons: list[str]) -> str:
+    if not any(r.startswith("not valid UTF-8") for r in reasons):
+        return ""
+    converted = source.with_name(source.stem + ".utf8" + source.suffix)
+    return (
+        f" Lines that are not UTF-8 usually mean a legacy encoding: if the file is Latin-1 or Windows-1252, convert "
+        f"it, e.g. `iconv -f LATIN1 -t UTF-8 {shlex.quote(str(source))} > {shlex.quote(str(converted))}`."
+    )
+
+
 def _too_many_bad(
     source: Path, container: str, rows: int, bad: int, examples: list[dict[str, Any]], limit: float
 ) -> SftjobsError:
     listed = "; ".join(f"{_where(e)}: {e['reason']}" for e in examples[:MAX_BAD_IN_MESSAGE])
-    hint = ""
+    hint = _legacy_encoding_hint(source, [e["reason"] for e in examples])
     if bad == rows and container == "jsonl":
-        hint = (
+        hint += (
             " No record could be used; if the file is one JSON document rather than JSON Lines or a "
             "top-level array, convert it."
         )

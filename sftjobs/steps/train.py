@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -95,7 +96,11 @@ def training_command(config: Path, resume: Path | None, speed: dict | None = Non
         entry += ["--memory-log", str(memory_log)]
     entry.append(str(config))
     if resume is not None:
-        entry.append(f"resume_from_checkpoint={resume}")
+        # LLaMA-Factory reads key=value arguments as YAML (OmegaConf.from_cli): a path holding " #", ": " or a
+        # newline is written as a quoted YAML scalar so it arrives as the same path (plain paths stay plain).
+        from sftjobs.templating import yaml_scalar
+
+        entry.append(f"resume_from_checkpoint={yaml_scalar(str(resume))}")
     if not is_distributed(env):
         return [python, *entry]
     torchrun = [python, "-m", "torch.distributed.run", "--nnodes", env.get("NNODES", "1"),
@@ -118,7 +123,7 @@ def run(ctx: StepContext) -> None:
     command = training_command(config, resume, ctx.profile.get("speed"), memory_log)
     training_log = log_dir / ("training.log" if ctx.node_rank == 0 else f"training.node{ctx.node_rank}.log")
     ctx.log(("resuming from " + str(resume)) if resume else f"starting {ctx.step.target} training into {output_dir}")
-    ctx.log("$ " + " ".join(command) + f"  (log: {training_log})")
+    ctx.log("$ " + shlex.join(command) + f"  (log: {training_log})")
     monitor = ctx.run_dir / "monitor" / f"{ctx.step.name}-{socket.gethostname()}.jsonl"
     with open(training_log, "ab") as log_handle:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=launch_env(os.environ))

@@ -21,6 +21,9 @@ else
   MASTER_ADDR=127.0.0.1
 fi
 export MASTER_ADDR
-export MASTER_PORT="$(( 20000 + ${SLURM_JOB_ID:-$$} % 20000 ))"
+# The job id only as digits: bash evaluates a variable's text inside $(( )), so "a[$(cmd)]" would run cmd.
+job_number="${SLURM_JOB_ID:-$$}"
+case "$job_number" in ''|*[!0-9]*) job_number=$$ ;; esac
+export MASTER_PORT="$(( 20000 + 10#$job_number % 20000 ))"
 export FORCE_TORCHRUN=1
 exec /usr/bin/python3 -m sftjobs.steps train --run-dir /RUN
