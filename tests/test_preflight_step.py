@@ -307,7 +307,9 @@ def test_preflight_passes_on_the_cpu_demo(tmp_path, demo_assets, monkeypatch):
     report = preflight.run(ctx)
     assert report["ok"] and report["failures"] == []
     checks = report["checks"]
-    assert set(checks) == {"versions", "gpus", "paths", "training_yaml", "disk", "memory", "data"}
+    assert set(checks) == {"versions", "patches", "known_bad", "gpus", "paths", "training_yaml", "disk", "memory",
+                           "data"}
+    assert checks["patches"]["features"]["unpadded_single_rows"]["on"] and checks["known_bad"]["ok"]
     assert checks["memory"]["skipped"]
     data = checks["data"]
     assert (data["sampled_rows"], data["kept_rows"], data["over_cutoff"]) == (64, 64, 0)
@@ -363,3 +365,41 @@ def test_preflight_catches_data_in_the_wrong_shape(tmp_path, demo_assets, monkey
         preflight.run(ctx)
     text = str(err.value)
     assert "data:" in text and "data.shape" in text and "['conversations']" in text and "'instruction'" in text
+
+
+def simulate_versions(monkeypatch, **versions):
+    """The node's installed versions as ``versions`` says (sftjobs.trainer.patches.installed_version is the one
+    lookup preflight and the patch registry use); nothing is installed."""
+    from sftjobs.trainer import patches
+
+    real = patches.installed_version
+    monkeypatch.setattr(patches, "installed_version", lambda name: versions[name] if name in versions else real(name))
+
+
+@pytest.mark.train
+def test_preflight_refuses_fa2_with_transformers_560(tmp_path, demo_assets, monkeypatch):
+    monkeypatch.setattr(preflight, "count_gpus", lambda: gpu_info(0))
+    simulate_versions(monkeypatch, transformers="5.6.0", flash_attn="2.8.3")
+    ctx = demo_run(tmp_path, demo_assets, ["train.flash_attn=fa2"])
+    with pytest.raises(SftjobsError) as err:
+        preflight.run(ctx)
+    text = str(err.value)
+    assert "1 problem(s) before any GPU time was spent" in text, text
+    assert "known_bad: train.flash_attn fa2 with flash-attn installed and transformers 5.6.0" in text
+    assert "pip install 'transformers==5.5.4'" in text and "set train.flash_attn: sdpa" in text
+    report = json.loads(ctx.report_path().read_text())
+    assert report["versions"]["transformers"] == "5.6.0" and report["versions"]["flash_attn"] == "2.8.3"
+    assert report["checks"]["data"]["ok"]  # the other checks still ran
+
+
+@pytest.mark.train
+def test_preflight_reports_the_speed_features_an_unverified_version_turns_off(tmp_path, demo_assets, monkeypatch):
+    monkeypatch.setattr(preflight, "count_gpus", lambda: gpu_info(0))
+    simulate_versions(monkeypatch, accelerate="1.12.0")
+    ctx = demo_run(tmp_path, demo_assets, ["speed.balance_ranks=true"])
+    report = preflight.run(ctx)  # a feature that is off is a warning: the run goes on stock
+    features = report["checks"]["patches"]["features"]
+    assert features["unpadded_single_rows"]["on"] and not features["speed.balance_ranks"]["on"]
+    line = ("speed.balance_ranks off: accelerate 1.12.0 not verified (verified: ==1.11.0); runs stock, ~1.10x slower")
+    assert any(w.startswith(f"patches: {line}") for w in report["warnings"]), report["warnings"]
+    assert report["checks"]["patches"]["summary"] == "on: unpadded_single_rows; off: speed.balance_ranks"

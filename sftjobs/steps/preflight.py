@@ -5,8 +5,12 @@ reports/preflight.json; every failed check is collected, and the step ends with 
 lists them all with what to change, so a user fixes everything in one round trip.
 
   gpus           visible GPUs == resources.gpus_per_node (torch.cuda.device_count, nvidia-smi when present)
-  versions       torch / transformers / deepspeed / llamafactory / accelerate / python; the first four
-                 must equal the versions recorded in manifest.json at submit time
+  versions       torch / transformers / deepspeed / llamafactory / accelerate / flash_attn / python, each next to
+                 the one recorded in manifest.json at submit time; the first four must be equal
+  patches        which speed features run on these versions (sftjobs/trainer/patches.py): one line for each that
+                 turns itself off (unverified version or a missing patch target), and what that costs
+  known_bad      combinations that fail mid-run, refused with the fix: flash_attn fa2 with transformers 5.6.0;
+                 a ZeRO offload stage whose cpu_adam op DeepSpeed cannot build here (its own op builder's report)
   paths          model folder (loadable config, tokenizer, weights), every file in dataset_info.json,
                  the DeepSpeed JSON, a writable parent of each output_dir
   training_yaml  every rendered LLaMA-Factory YAML through LLaMA-Factory's own HfArgumentParser
@@ -39,10 +43,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from sftjobs.env import library_versions
 from sftjobs.errors import SftjobsError
 
 SAMPLE_ROWS = 64
+PACKAGES = ("torch", "transformers", "deepspeed", "llamafactory", "accelerate", "flash_attn")
 # A mismatch in these between the submit machine and a node fails the step: the plan asks for the same
 # environment everywhere, and these four decide what a checkpoint looks like and how the run behaves.
 STRICT_PACKAGES = ("torch", "transformers", "deepspeed", "llamafactory")
@@ -150,6 +154,15 @@ def check_gpus(requested: int, info: dict[str, Any], bf16: bool = False) -> dict
 # ============================================================================ (e) versions
 
 
+def library_versions() -> dict[str, str | None]:
+    """Installed versions (metadata only: nothing is imported) plus python's."""
+    from sftjobs.trainer.patches import installed_version  # the one version lookup (tests simulate through it)
+
+    versions: dict[str, str | None] = {name: installed_version(name) for name in PACKAGES}
+    versions["python"] = platform.python_version()
+    return versions
+
+
 def compare_versions(current: dict[str, Any], recorded: dict[str, Any] | None) -> list[str]:
     """One line per strict package whose version differs from the one recorded at submit time."""
     if not recorded:
@@ -175,12 +188,50 @@ def check_versions(current: dict[str, Any], recorded: dict[str, Any] | None, dee
     python_note = []
     if recorded and recorded.get("python") and recorded.get("python") != current.get("python"):
         python_note.append(f"python {current.get('python')} here, {recorded.get('python')} at submit")
-    summary = ", ".join(f"{k} {v}" for k, v in current.items())
+    # the node's environment next to the one recorded at submit: "transformers 5.5.4 (submit: 5.6.0)"
+    summary = ", ".join(f"{k} {v}" + (f" (submit: {recorded.get(k) or 'not installed'})"
+                                      if recorded and k in recorded and recorded.get(k) != v else "")
+                        for k, v in current.items())
     if problems:
         return _result(False, "; ".join(problems), python_note, error="; ".join(problems), versions=current,
                        recorded=recorded or None)
     compared = "same as at submit" if recorded else "no versions recorded at submit to compare with"
     return _result(True, f"{summary} ({compared})", python_note, versions=current, recorded=recorded or None)
+
+
+# ============================================================================ patches and known-bad combinations
+
+
+def check_patches(speed: dict[str, Any] | None, deepspeed: str = "none") -> dict[str, Any]:
+    """Which speed features the training run will have on these versions (sftjobs/trainer/patches.py decides the
+    same way in every training process). A feature that is off is a warning, not a failure: the run goes on stock."""
+    from sftjobs.trainer import patches
+
+    checks = ["preflight.data"] + (["preflight.deepspeed"] if deepspeed != "none" else [])
+    decisions = patches.decide(patches.speed_features(speed) + checks)
+    off = [d for d in decisions.values() if not d.on]
+    warnings = [d.line() for d in decisions.values() if not d.on or d.notes]
+    on = [name for name, d in decisions.items() if d.on and not name.startswith("preflight.")]
+    summary = f"on: {', '.join(on) or 'none'}" + (f"; off: {', '.join(d.feature for d in off)}" if off else "")
+    return _result(True, summary, warnings, features={name: d.as_dict() for name, d in decisions.items()})
+
+
+def check_known_bad(versions: dict[str, Any], cfg: dict[str, Any], speed: dict[str, Any] | None,
+                    deepspeed: str, probe: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Refuse the combinations known to fail mid-run (patches.KNOWN_BAD; DeepSpeed's op builder for offload)."""
+    from sftjobs.trainer import patches
+
+    run = {"versions": versions, "flash_attn": cfg.get("flash_attn", "auto"), "speed": speed or {}}
+    problems = [f"{rule.why}: {rule.fix}" for rule in patches.known_bad(run)]
+    ops, found = patches.deepspeed_op_problems(deepspeed, probe) if versions.get("deepspeed") else ([], {})
+    problems += [f"deepspeed: {deepspeed} JIT-builds cpu_adam on the node and cannot here: {p}" for p in ops]
+    details = {"rules": [rule.name for rule in patches.KNOWN_BAD], "flash_attn": run["flash_attn"],
+               "deepspeed_ops": found}
+    if problems:
+        return _result(False, "; ".join(problems), error="; ".join(problems), **details)
+    return _result(True, f"no known-bad combination (flash_attn {run['flash_attn']}, transformers "
+                   f"{versions.get('transformers')}, flash_attn package {versions.get('flash_attn') or 'absent'}; "
+                   f"deepspeed {deepspeed}: {found.get('skipped') or 'cpu_adam can be built'})", **details)
 
 
 # ============================================================================ (c) paths
@@ -745,6 +796,8 @@ def run(ctx) -> dict[str, Any]:
     versions = library_versions()
     report["versions"] = versions
     record("versions", lambda: check_versions(versions, (ctx.manifest or {}).get("versions"), deepspeed))
+    patch_check = record("patches", lambda: check_patches(values.get("speed"), deepspeed))
+    record("known_bad", lambda: check_known_bad(versions, full_cfg, values.get("speed"), deepspeed))
     gpu_info = count_gpus()
     record("gpus", lambda: check_gpus(node.gpus_per_node, gpu_info, bool(full_cfg.get("bf16"))))
     output_dirs = [str(ctx.training_config(t)["output_dir"]) for t in _training_targets(ctx)]
@@ -775,7 +828,10 @@ def run(ctx) -> dict[str, Any]:
     record("memory", lambda: check_memory(deepspeed, n_params, largest, train_res.gpus_per_node, train_res.nodes,
                                           gpu_info.get("memory_bytes") or [], assumed_gib=assumed_gib),
            advice="check that deepspeed is installed on the nodes")
-    if paths["ok"]:
+    data_patch = patch_check.get("features", {}).get("preflight.data", {"on": True})
+    if not data_patch["on"]:
+        record("data", lambda: _skipped(data_patch["line"]))
+    elif paths["ok"]:
         record("data", lambda: check_data(full_cfg),
                advice="LLaMA-Factory could not load or tokenize the data: check data.shape against the file and "
                       "the columns in dataset/dataset_info.json, and model.path / train.trust_remote_code for "

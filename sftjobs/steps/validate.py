@@ -370,7 +370,9 @@ def load_and_generate(model_dir: str | os.PathLike, prompts: list[list[dict[str,
             text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
             text += "<|im_start|>assistant\n"
             formatted = "qwen (tokenizer has no chat template)"
-        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device)
+        # no token_type_ids: some tokenizers return them and generate() refuses them (transformers 4.56)
+        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False,
+                           return_token_type_ids=False).to(device)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sftjobs.trainer import patches
 from sftjobs.trainer import sampler as rank_balance
 from sftjobs.trainer.attention import split as split_attention
 
@@ -489,11 +490,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     opts = parse_args(sys.argv[1:] if argv is None else argv)
     callbacks: list[Any] = []
-    install_unpadded_single_rows()
     if opts.skip_idle_micro_steps and not opts.pack_rank_samples:
         raise SystemExit("--skip-idle-micro-steps needs --pack-rank-samples (only packed steps have idle micro-steps)")
     if opts.split_long_samples and not opts.pack_rank_samples:
         raise SystemExit("--split-long-samples needs --pack-rank-samples (halves of a sample are packed rows)")
+    # each patch only where its versions are verified and its targets exist (sftjobs/trainer/patches.py); a
+    # feature that is off says so in one line and the run goes on stock
+    decisions = patches.decide(patches.speed_features(vars(opts)), log=log)
+    patches.switch_off(opts, decisions)
+    if decisions["unpadded_single_rows"].on:
+        install_unpadded_single_rows()
     if opts.pack_rank_samples:
         install_pack_rank_samples(skip_idle=opts.skip_idle_micro_steps, split=opts.split_long_samples)
     elif opts.balance_ranks:
