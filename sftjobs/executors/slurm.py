@@ -140,7 +140,8 @@ class SlurmExecutor(Executor):
             executor = self._executor(run_dir, step, [job_ids[p] for p in step.after])
             from sftjobs.executors.slurm_job import StepCommand
 
-            command = StepCommand(str(run_dir / step.script), step.name, resumable=step.kind == "train")
+            command = StepCommand(str(run_dir / step.script), step.name, resumable=step.kind == "train",
+                                  signal_delay_s=step.resources.signal_delay_s)
             try:
                 job = executor.submit(command)
             except Exception as exc:  # sbatch refused (bad partition, account, limits, ...)

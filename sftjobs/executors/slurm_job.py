@@ -2,28 +2,84 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import time
 
 from submitit.helpers import Checkpointable, DelayedSubmission
+
+EXIT_STOPPED = 75  # sftjobs.errors.EXIT_STOPPED: the step saved at a signal and stopped (the node side's code)
+REQUEUE_MARGIN_S = 15  # what submitit's requeue (scontrol requeue) and its exit need after the wait
 
 
 class StepCommand(Checkpointable):
     """What a Slurm job runs: the step's launch script from the run directory, nothing else pickled.
 
-    Training steps are Checkpointable: on USR2 before the time limit (or a preemption) submitit requeues
-    the job, and the relaunched step resumes from the newest complete checkpoint.
+    Training steps are Checkpointable: on USR2 before the time limit (or ``scancel --signal=USR2``) submitit calls
+    checkpoint(), which waits here until the step has saved a checkpoint of the optimizer step it was on and
+    exited (sftjobs.steps.train) — up to the signal's lead time less a margin — and only then lets submitit
+    requeue the job. Waiting inside the handler is what gives the save the whole ``resources.signal_delay_s``
+    instead of Slurm's KillWait after the requeue.
     """
 
-    def __init__(self, script: str, step: str, resumable: bool):
+    def __init__(self, script: str, step: str, resumable: bool, signal_delay_s: int = 90):
         self.script = script
         self.step = step
         self.resumable = resumable
+        self.signal_delay_s = signal_delay_s
+        self.finished = False  # set when a signal came after the step had already completed
+        self._process: subprocess.Popen | None = None
+
+    def __getstate__(self) -> dict:
+        return {key: value for key, value in self.__dict__.items() if key != "_process"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._process = None
 
     def __call__(self) -> str:
-        completed = subprocess.run(["bash", self.script], check=False)
-        if completed.returncode != 0:
-            raise RuntimeError(f"step {self.step} failed: {self.script} exited with {completed.returncode}")
+        if self.finished:
+            return "ok (completed before the requeue)"
+        self._process = subprocess.Popen(["bash", self.script])
+        code = self._process.wait()
+        if code == EXIT_STOPPED:
+            raise RuntimeError(f"step {self.step} stopped on a signal after saving a checkpoint; the job is requeued "
+                               "(time limit, preemption) or was cancelled, and a resume continues from it")
+        if code != 0:
+            raise RuntimeError(f"step {self.step} failed: {self.script} exited with {code}")
         return "ok"
 
+    def _wait_for_step(self) -> int | None:
+        """Pass USR2 on to the step and wait until it has exited; its exit code, or None if it is still running at
+        the deadline. Runs inside submitit's signal handler, which interrupted Popen.wait(): the child is reaped with
+        os.waitpid here (Popen's own wait/poll would find the lock the interrupted wait holds and report nothing);
+        submitit exits after the handler, so the interrupted wait never resumes."""
+        process = self._process
+        if process is None:
+            return None
+        if process.returncode is not None:
+            return process.returncode
+        try:
+            os.kill(process.pid, signal.SIGUSR2)  # Slurm may have signalled only this task's leader
+        except ProcessLookupError:
+            return None
+        deadline = time.monotonic() + max(self.signal_delay_s - REQUEUE_MARGIN_S, 5)
+        while time.monotonic() < deadline:
+            try:
+                pid, status = os.waitpid(process.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped meanwhile by the interrupted wait
+                return process.returncode
+            if pid:
+                return os.waitstatus_to_exitcode(status)
+            time.sleep(0.5)
+        return None
+
     def checkpoint(self) -> DelayedSubmission | None:  # type: ignore[override]
-        return DelayedSubmission(self) if self.resumable else None
+        if not self.resumable:
+            return None
+        code = self._wait_for_step()
+        if code == 0:
+            # the step completed while the signal was on its way: the requeued job only reports success
+            self.finished = True
+        return DelayedSubmission(self)

@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 
 from sftjobs import executors
-from sftjobs.errors import SftjobsError
+from sftjobs.errors import EXIT_STOPPED, SftjobsError, StepStopped
 from sftjobs.fsutil import atomic_write_json
 from sftjobs.node.context import StepContext
 
@@ -75,9 +75,12 @@ def main(argv: list[str] | None = None) -> int:
             "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)}
     if record:
         atomic_write_json(status_path(ctx.run_dir, ctx.step.name), {**base, "state": "RUNNING"})
-    code, message = 0, ""
+    code, message, state = 0, "", "COMPLETED"
     try:
         run_step(ctx)
+    except StepStopped as exc:  # saved at a signal: the job is requeued or cancelled, the chain stays
+        code, message, state = EXIT_STOPPED, str(exc), "STOPPED"
+        ctx.log(message)
     except SftjobsError as exc:
         code, message = 2, str(exc)
     except KeyboardInterrupt:
@@ -85,13 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug or an environment failure: keep the traceback in the log
         traceback.print_exc()
         code, message = 1, f"{type(exc).__name__}: {exc}"
-    if code:
+    if code and state != "STOPPED":
+        state = "FAILED"
         print(f"sftjobs: step {ctx.step.name} failed: {message}", file=sys.stderr, flush=True)
     if record:
         atomic_write_json(status_path(ctx.run_dir, ctx.step.name),
-                          {**base, "state": "FAILED" if code else "COMPLETED", "exit_code": code,
-                           "message": message, "ended": time.time()})
-    if code and record:
+                          {**base, "state": state, "exit_code": code, "message": message, "ended": time.time()})
+    if state == "FAILED" and record:
         break_chain(ctx, f"step {ctx.step.name} failed: {message.splitlines()[0] if message else code}")
     return code
 

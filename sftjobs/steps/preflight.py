@@ -33,6 +33,7 @@ import difflib
 import json
 import math
 import os
+import platform
 import re
 import shutil
 import struct
@@ -208,10 +209,10 @@ def check_patches(speed: dict[str, Any] | None, deepspeed: str = "none") -> dict
     from sftjobs.trainer import patches
 
     checks = ["preflight.data"] + (["preflight.deepspeed"] if deepspeed != "none" else [])
-    decisions = patches.decide(patches.speed_features(speed) + checks)
+    decisions = patches.decide(patches.speed_features(speed) + ["signal_save.loader_workers"] + checks)
     off = [d for d in decisions.values() if not d.on]
     warnings = [d.line() for d in decisions.values() if not d.on or d.notes]
-    on = [name for name, d in decisions.items() if d.on and not name.startswith("preflight.")]
+    on = [name for name, d in decisions.items() if d.on and name.startswith(("speed.", "unpadded"))]
     summary = f"on: {', '.join(on) or 'none'}" + (f"; off: {', '.join(d.feature for d in off)}" if off else "")
     return _result(True, summary, warnings, features={name: d.as_dict() for name, d in decisions.items()})
 

@@ -4,20 +4,31 @@ Distributed runs go through torchrun exactly as ``FORCE_TORCHRUN=1 llamafactory-
 
 Restarts (requeue, preemption, time limit) land here again: a checkpoint that was being written when the job
 died has no trainer_state.json yet, so it is moved aside (never deleted) and the one before it is used.
+
+Save at the signal: USR2 (the time limit's warning, ``scancel --signal=USR2``) or SIGTERM (preemption,
+``scontrol requeue``, cancel) reaching this process is passed on as USR2 to every training process
+(torchrun does not forward USR1/USR2 to its workers, and a batch-script-only signal reaches nothing else);
+they save a checkpoint of the step they are on and exit (sftjobs.trainer.signal_save). torchrun itself is
+started with USR2 ignored, so the signal Slurm sends to every process of the job does not kill it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
-from sftjobs.errors import SftjobsError
+import psutil
+
+from sftjobs.errors import SftjobsError, StepStopped
 from sftjobs.node.context import StepContext
 from sftjobs.node.monitor import Sampler
 
@@ -73,8 +84,19 @@ def launch_env(env: dict[str, str]) -> dict[str, str]:
     return env
 
 
+def stop_marker_path(run_dir: Path, step: str) -> Path:
+    """Written by the training's rank 0 after a save at a signal (sftjobs.trainer.signal_save)."""
+    return run_dir / "reports" / "stops" / f"{step}.json"
+
+
+def save_log_path(run_dir: Path, step: str) -> Path:
+    """One JSON line per checkpoint save (step, seconds, periodic or at a signal)."""
+    return run_dir / "reports" / f"saves-{step}.jsonl"
+
+
 def training_command(config: Path, resume: Path | None, speed: dict | None = None, memory_log: Path | None = None,
-                     env: dict[str, str] | None = None, python: str | None = None) -> list[str]:
+                     env: dict[str, str] | None = None, python: str | None = None,
+                     stop_marker: Path | None = None, save_log: Path | None = None) -> list[str]:
     """The command the train step runs on each node (as a list: nothing goes through a shell)."""
     env = os.environ if env is None else env
     python = python or sys.executable
@@ -94,6 +116,10 @@ def training_command(config: Path, resume: Path | None, speed: dict | None = Non
         entry += ["--cudnn-attention-bucket", str(int(speed["cudnn_attention_bucket"]))]
     if memory_log is not None:
         entry += ["--memory-log", str(memory_log)]
+    if stop_marker is not None:
+        entry += ["--stop-marker", str(stop_marker)]
+    if save_log is not None:
+        entry += ["--save-log", str(save_log)]
     entry.append(str(config))
     if resume is not None:
         # LLaMA-Factory reads key=value arguments as YAML (OmegaConf.from_cli): a path holding " #", ": " or a
@@ -109,6 +135,76 @@ def training_command(config: Path, resume: Path | None, speed: dict | None = Non
     return [*torchrun, *entry]
 
 
+class SignalRelay:
+    """In this process, while training runs: USR2 or SIGTERM -> USR2 to every training process, again every
+    ``every`` seconds until they exit (a process still loading when the first one came may have missed it)."""
+
+    def __init__(self, process: subprocess.Popen, distributed: bool, log, every: float = 5.0):
+        self.process = process
+        self.distributed = distributed
+        self.log = log
+        self.every = every
+        self.received: str | None = None
+        self._previous: dict[int, object] = {}
+        self._wake = threading.Event()
+
+    def __enter__(self) -> SignalRelay:
+        for sig in (signal.SIGUSR2, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._wake.set()
+
+    def workers(self) -> list[psutil.Process]:
+        try:
+            launcher = psutil.Process(self.process.pid)
+            return launcher.children() if self.distributed else [launcher]
+        except psutil.NoSuchProcess:
+            return []
+
+    def forward(self) -> int:
+        sent = 0
+        for worker in self.workers():
+            try:
+                worker.send_signal(signal.SIGUSR2)
+                sent += 1
+            except psutil.NoSuchProcess:
+                pass
+        return sent
+
+    def _on_signal(self, signum: int, _frame) -> None:
+        first = self.received is None
+        self.received = self.received or signal.Signals(signum).name
+        sent = self.forward()
+        if first:
+            self.log(f"{signal.Signals(signum).name} received: asked {sent} training process(es) to save a "
+                     "checkpoint at the end of this optimizer step and stop")
+            threading.Thread(target=self._repeat, daemon=True).start()
+
+    def _repeat(self) -> None:
+        while not self._wake.wait(self.every) and self.process.poll() is None:
+            self.forward()
+
+
+def _ignore_usr2() -> None:  # pragma: no cover - runs in the child between fork and exec
+    # inherited through exec: torchrun (which installs no USR2 handler) survives the signal Slurm sends to every
+    # process of the job; the workers install their own handler first thing (sftjobs.trainer.signal_save)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+def read_stop(marker: Path, since: float) -> dict | None:
+    """The stop marker of this launch (a marker from an earlier launch is removed before it starts)."""
+    try:
+        if marker.stat().st_mtime + 1 < since:
+            return None
+        return json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def run(ctx: StepContext) -> None:
     config = ctx.training_config_path()
     output_dir = ctx.output_dir()
@@ -120,14 +216,21 @@ def run(ctx: StepContext) -> None:
     log_dir = ctx.run_dir / "logs" / ctx.step.name
     log_dir.mkdir(parents=True, exist_ok=True)
     memory_log = ctx.run_dir / "monitor" / "allocator" / f"{ctx.step.name}-{socket.gethostname()}"
-    command = training_command(config, resume, ctx.profile.get("speed"), memory_log)
+    marker = stop_marker_path(ctx.run_dir, ctx.step.name)
+    if ctx.node_rank == 0:
+        marker.unlink(missing_ok=True)
+    command = training_command(config, resume, ctx.profile.get("speed"), memory_log, stop_marker=marker,
+                               save_log=save_log_path(ctx.run_dir, ctx.step.name))
     training_log = log_dir / ("training.log" if ctx.node_rank == 0 else f"training.node{ctx.node_rank}.log")
     ctx.log(("resuming from " + str(resume)) if resume else f"starting {ctx.step.target} training into {output_dir}")
     ctx.log("$ " + shlex.join(command) + f"  (log: {training_log})")
     monitor = ctx.run_dir / "monitor" / f"{ctx.step.name}-{socket.gethostname()}.jsonl"
+    env = launch_env(os.environ)
+    started = time.time()
     with open(training_log, "ab") as log_handle:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=launch_env(os.environ))
-        with Sampler(monitor, process.pid, output_dir):
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                   preexec_fn=_ignore_usr2)
+        with Sampler(monitor, process.pid, output_dir), SignalRelay(process, is_distributed(env), ctx.log) as relay:
             assert process.stdout is not None
             for chunk in iter(lambda: process.stdout.readline(), b""):
                 log_handle.write(chunk)
@@ -135,7 +238,17 @@ def run(ctx: StepContext) -> None:
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.flush()
             code = process.wait()
+    stop = read_stop(marker, started)
+    if stop is not None:
+        seconds = stop.get("save_seconds")
+        raise StepStopped(f"stopped on {stop.get('signal')} at step {stop.get('step')}/{stop.get('max_steps')} after "
+                          f"saving {Path(str(stop.get('checkpoint'))).name}"
+                          + (f" in {seconds:.1f} s" if isinstance(seconds, int | float) else "")
+                          + "; a requeued or resumed job continues from it")
     if code != 0:
+        if relay.received:
+            raise StepStopped(f"stopped on {relay.received} before a checkpoint could be saved (training exited "
+                              f"with {code}); a requeued or resumed job continues from the newest complete one")
         tail = training_log.read_text(errors="replace").strip().splitlines()[-5:]
         raise SftjobsError(f"LLaMA-Factory training exited with {code}. Last lines of {training_log}:\n  " + "\n  ".join(tail))
     ctx.log(f"training finished; outputs in {output_dir}")

@@ -482,6 +482,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--split-long-samples", action="store_true")
     parser.add_argument("--cudnn-attention-bucket", type=int, default=0, metavar="N")
     parser.add_argument("--memory-log", metavar="PREFIX")
+    parser.add_argument("--stop-marker", metavar="PATH",
+                        help="save at USR2/SIGTERM, stop, and write this JSON (sftjobs.trainer.signal_save)")
+    parser.add_argument("--save-log", metavar="PATH", help="append each checkpoint save's duration (JSON lines)")
     parser.add_argument("config", help="LLaMA-Factory training YAML")
     parser.add_argument("overrides", nargs="*", help="key=value, as llamafactory-cli takes them")
     return parser.parse_args(argv)
@@ -490,6 +493,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     opts = parse_args(sys.argv[1:] if argv is None else argv)
     callbacks: list[Any] = []
+    if opts.stop_marker or opts.save_log:
+        from sftjobs.trainer.signal_save import SignalSave
+
+        signal_save = SignalSave(Path(opts.stop_marker) if opts.stop_marker else None,
+                                 Path(opts.save_log) if opts.save_log else None, log=log)
+        if opts.stop_marker:
+            signal_save.install()  # first thing: a signal while the model loads still ends in a save
+            if patches.decide(["signal_save.loader_workers"], log=log)["signal_save.loader_workers"].on:
+                from sftjobs.trainer.signal_save import keep_loader_workers_on_sigterm
+
+                keep_loader_workers_on_sigterm()
+        callbacks.append(signal_save)
     if opts.skip_idle_micro_steps and not opts.pack_rank_samples:
         raise SystemExit("--skip-idle-micro-steps needs --pack-rank-samples (only packed steps have idle micro-steps)")
     if opts.split_long_samples and not opts.pack_rank_samples:

@@ -122,6 +122,14 @@ PATCHES: tuple[Patch, ...] = (
           verified={"torch": TORCH},
           install="sftjobs.trainer.entry:install_cudnn_attention (per_sample_attention.CUDNN_BUCKET / CUDNN_MAX_LEN)",
           undo="per_sample_attention.CUDNN_BUCKET = 0"),
+    Patch("loader_workers_survive_sigterm", ("signal_save.loader_workers",),
+          targets=("transformers.trainer:seed_worker", "transformers:Trainer.get_train_dataloader"),
+          replaces=("transformers.trainer:seed_worker",),
+          verified={"transformers": TRANSFORMERS, "torch": TORCH},
+          install="sftjobs.trainer.signal_save:keep_loader_workers_on_sigterm (the Trainer's worker_init_fn ignores "
+                  "SIGTERM first: torch's loader workers die of a SIGTERM that is not their parent's, and a "
+                  "preemption sends it to every process of the job)",
+          undo="restore transformers.trainer.seed_worker (patches.restore)"),
     Patch("preflight_loaders", ("preflight.data",),
           targets=("llamafactory.data.loader:_load_single_dataset", "llamafactory.data.loader:_get_dataset_processor",
                    "llamafactory.data.parser:get_dataset_list", "llamafactory.extras.constants:FILEEXT2TYPE",
@@ -164,6 +172,9 @@ FEATURES: dict[str, Feature] = {f.name: f for f in (
             needs=("speed.pack_rank_samples",)),
     Feature("speed.cudnn_attention_bucket", "flash instead of cuDNN for single samples: ~1.12x slower (fast on "
             "4x H200: 19,599 vs 17,548 tok/s/GPU)"),
+    Feature("signal_save.loader_workers", "a SIGTERM sent to every process (preemption, scontrol requeue) kills "
+            "the data loader workers: the run resumes from the last periodic checkpoint instead of the signal's "
+            "step (USR2, the time limit's signal, still saves)"),
     Feature("preflight.data", "the data check (LLaMA-Factory's loader on a sample) is skipped"),
     Feature("preflight.deepspeed", "DeepSpeed's config and memory checks may fail with a library error"),
 )}
