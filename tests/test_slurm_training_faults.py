@@ -1,12 +1,15 @@
 """Real training on the real Slurm test cluster (CPU jobs): a requeued training job resumes from its newest
 complete checkpoint and ends with the same total steps; the dry run's measured speed sets the full run's
-time limit when the profile gives none; a time limit's USR2 requeues and resumes a checkpointable step."""
+time limit when the profile gives none; a time limit's USR2, `scontrol requeue` and `scancel --signal=USR2` each
+make training save the step it is on, so with periodic saves larger than the whole run no requeue repeats more
+than one optimizer step (the number repeated is counted from trainer_log.jsonl and printed)."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -36,6 +39,24 @@ def minutes(limit: str) -> int:
     return int(days or 0) * 1440 + h * 60 + m + (1 if s else 0)
 
 
+def logged_steps(output_dir: Path) -> list[int]:
+    """The optimizer steps trainer_log.jsonl logged a loss for (logging_steps 1: every step trained, requeues
+    included; a step trained twice appears twice)."""
+    path = output_dir / "trainer_log.jsonl"
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r["current_steps"] for r in records if "loss" in r]
+
+
+def trained_twice(steps: list[int]) -> int:
+    return sum(count - 1 for count in Counter(steps).values())
+
+
+def restarts(job_id: str) -> int:
+    return int(scontrol_job(job_id).get("Restarts", "0") or 0)
+
+
 def checkpoint_done(output_dir: Path, step: int) -> bool:
     return (output_dir / f"checkpoint-{step}" / "trainer_state.json").is_file()
 
@@ -63,19 +84,58 @@ def test_requeued_training_resumes_and_the_dry_run_sets_the_time_limit(slurm, in
     assert json.loads((run_dir / "handoff.json").read_text())["final_checkpoint"]
 
 
-def test_time_limit_signal_requeues_and_resumes(slurm, in_tmp, capsys):
+def test_time_limit_signal_saves_the_current_step_and_requeues(slurm, in_tmp, capsys):
     # a 4-minute limit with USR2 180 s before it: the step gets the signal 60-90 s in (Slurm checks limits every
-    # 30 s), after >= 45 s of training, and submitit requeues it as Checkpointable; each restart resumes from
-    # the newest checkpoint, so the 3000 steps finish within a few attempts
+    # 30 s) and saves the step it is on; submitit requeues it as Checkpointable. No periodic save happens (save_steps
+    # is larger than the run), so every requeue resumes from the signal's checkpoint.
     run_dir, manifest = submit_demo(capsys, sets=["resources.time=4", "resources.signal_delay_s=180",
-                                                  "train.num_train_epochs=60.0", "train.save_steps=100",
-                                                  "train.logging_steps=50"])
+                                                  "train.num_train_epochs=60.0", "train.save_steps=100000",
+                                                  "train.logging_steps=1"])
     final = wait_until(lambda: all_done(capsys, manifest["run_id"]), 1500, 3, "the chain")
     assert set(final.values()) == {"COMPLETED"}, final
     train = manifest["jobs"]["train"]
-    assert int(scontrol_job(train).get("Restarts", "0")) >= 1
+    requeues = restarts(train)
+    assert requeues >= 1
     output_dir = Path(json.loads((run_dir / "plan.json").read_text())["paths"]["output_dir"])
     state = json.loads((output_dir / "trainer_state.json").read_text())
     assert state["global_step"] == state["max_steps"] == 3000
+    steps = logged_steps(output_dir)
+    assert set(steps) == set(range(1, 3001))
+    repeated = trained_twice(steps)
+    print(f"time limit: {requeues} requeue(s), {repeated} optimizer step(s) trained twice")
+    assert repeated <= requeues, Counter(steps).most_common(3)
+    saves = [json.loads(line) for line in (run_dir / "reports" / "saves-train.jsonl").read_text().splitlines()]
+    assert sum(1 for save in saves if save["reason"] == "signal") >= requeues
     log = (run_dir / "slurm" / "train" / f"{train}_0_log.out").read_text()
-    assert "timed-out" in log and "resuming from" in log
+    assert "timed-out" in log and "resuming from" in log and "SIGUSR2 received: asked" in log
+
+
+def test_scontrol_requeue_and_scancel_usr2_save_the_current_step(slurm, in_tmp, capsys):
+    """`scontrol requeue` (SIGTERM to every process, then SIGKILL after KillWait) and `scancel --signal=USR2`
+    (USR2 to every process of the job's steps: submitit requeues after the save) on one training run."""
+    run_dir, manifest = submit_demo(capsys, sets=["train.num_train_epochs=12.0", "train.save_steps=100000",
+                                                  "train.logging_steps=1"])
+    train = manifest["jobs"]["train"]
+    output_dir = Path(json.loads((run_dir / "plan.json").read_text())["paths"]["output_dir"])
+    wait_until(lambda: len(logged_steps(output_dir)) >= 20, 900, 0.5, "20 trained steps")
+    subprocess.run(["scontrol", "requeue", train], check=True)
+    wait_until(lambda: restarts(train) >= 1 and scontrol_job(train).get("JobState") == "RUNNING", 600, 1,
+               "the requeued job running")
+    first = len(logged_steps(output_dir))
+    wait_until(lambda: len(logged_steps(output_dir)) >= first + 20, 900, 0.5, "20 more steps after the requeue")
+    subprocess.run(["scancel", "--signal=USR2", train], check=True)
+    final = wait_until(lambda: all_done(capsys, manifest["run_id"]), 1500, 3, "the chain")
+    assert set(final.values()) == {"COMPLETED"}, final
+    requeues = restarts(train)
+    assert requeues >= 2
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert state["global_step"] == state["max_steps"]
+    steps = logged_steps(output_dir)
+    assert set(steps) == set(range(1, state["max_steps"] + 1))
+    repeated = trained_twice(steps)
+    print(f"scontrol requeue + scancel --signal=USR2: {requeues} requeues, {repeated} optimizer step(s) trained twice")
+    assert repeated <= requeues, Counter(steps).most_common(3)
+    signals = [json.loads(line)["reason"] for line in (run_dir / "reports" / "saves-train.jsonl").read_text().splitlines()]
+    assert signals.count("signal") >= 2, signals
+    log = (run_dir / "slurm" / "train" / f"{train}_0_log.out").read_text()
+    assert "SIGTERM received: asked" in log and "SIGUSR2 received: asked" in log

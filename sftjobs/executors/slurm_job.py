@@ -42,6 +42,10 @@ class StepCommand(Checkpointable):
         if self.finished:
             return "ok (completed before the requeue)"
         self._process = subprocess.Popen(["bash", self.script])
+        # submitit only logs a SIGTERM ("bypassing"), and Slurm may deliver it to this task alone (scancel,
+        # scontrol requeue, preemption): pass it on, so a training step saves and any step stops now rather than
+        # at the SIGKILL after KillWait
+        signal.signal(signal.SIGTERM, self._pass_sigterm)
         code = self._process.wait()
         if code == EXIT_STOPPED:
             raise RuntimeError(f"step {self.step} stopped on a signal after saving a checkpoint; the job is requeued "
@@ -49,6 +53,14 @@ class StepCommand(Checkpointable):
         if code != 0:
             raise RuntimeError(f"step {self.step} failed: {self.script} exited with {code}")
         return "ok"
+
+    def _pass_sigterm(self, signum: int, _frame) -> None:
+        process = self._process
+        if process is not None and process.returncode is None:
+            try:
+                os.kill(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
     def _wait_for_step(self) -> int | None:
         """Pass USR2 on to the step and wait until it has exited; its exit code, or None if it is still running at
