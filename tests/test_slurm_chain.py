@@ -163,7 +163,7 @@ def test_preview_prints_the_exact_sbatch_scripts(slurm, in_tmp, capsys):
     out = capsys.readouterr().out
     assert out.count("#!/bin/bash") == 7
     assert "#SBATCH --dependency=afterok:DATA_JOBID:MODEL_JOBID" in out
-    assert "#SBATCH --gpus-per-node=8" in out and "#SBATCH --signal=USR2@120" in out
+    assert "#SBATCH --gpus-per-node=8" in out and "#SBATCH --signal=USR2@300" in out
     assert not Path(os.environ["SFTJOBS_JOBS_DIR"]).exists(), "a preview submits and writes nothing"
 
 

@@ -70,6 +70,10 @@ def test_requeued_training_resumes_and_the_dry_run_sets_the_time_limit(slurm, in
     wait_until(report_path.exists, 600, 1, "the dry run's time-limit estimate")
     estimate = json.loads(report_path.read_text())
     assert estimate["applied_to"] == jobs["train"]
+    # the dry run's one checkpoint save is measured and checked against the signal's lead time
+    window = estimate["signal"]
+    assert window["save_seconds"] > 0 and window["signal_delay_s"] == 120
+    assert window["needed_s"] >= 75 and window["ok"] == (120 >= window["needed_s"])
     assert minutes(scontrol_job(jobs["train"])["TimeLimit"]) == estimate["time_limit_minutes"]
     # requeue the full run once its first checkpoint is complete
     wait_until(lambda: checkpoint_done(output_dir, 25), 600, 0.3, "checkpoint-25")

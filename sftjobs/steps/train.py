@@ -139,8 +139,10 @@ class SignalRelay:
     """In this process, while training runs: USR2 or SIGTERM -> USR2 to every training process, again every
     ``every`` seconds until they exit (a process still loading when the first one came may have missed it)."""
 
-    def __init__(self, process: subprocess.Popen, distributed: bool, log, every: float = 5.0):
+    def __init__(self, process: subprocess.Popen, distributed: bool, log, every: float = 5.0,
+                 marker: Path | None = None):
         self.process = process
+        self.marker = marker  # once it exists the save is done: no more signals
         self.distributed = distributed
         self.log = log
         self.every = every
@@ -186,6 +188,8 @@ class SignalRelay:
 
     def _repeat(self) -> None:
         while not self._wake.wait(self.every) and self.process.poll() is None:
+            if self.marker is not None and self.marker.exists():
+                return
             self.forward()
 
 
@@ -230,7 +234,8 @@ def run(ctx: StepContext) -> None:
     with open(training_log, "ab") as log_handle:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                                    preexec_fn=_ignore_usr2)
-        with Sampler(monitor, process.pid, output_dir), SignalRelay(process, is_distributed(env), ctx.log) as relay:
+        with Sampler(monitor, process.pid, output_dir), SignalRelay(process, is_distributed(env), ctx.log,
+                                                                     marker=marker) as relay:
             assert process.stdout is not None
             for chunk in iter(lambda: process.stdout.readline(), b""):
                 log_handle.write(chunk)

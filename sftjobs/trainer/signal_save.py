@@ -133,4 +133,6 @@ class SignalSave(TrainerCallback):
                                          "save_seconds": seconds, "time": time.time()})
             self.log(f"stopped on {self.requested or 'a signal'} at step {state.global_step}/{state.max_steps}: "
                      f"{checkpoint.name} saved in {seconds or 0:.1f} s; the requeued job resumes from it")
+        for sig in STOP_SIGNALS:  # ignored, not default: Python's shutdown would let a repeated signal kill the exit
+            signal.signal(sig, signal.SIG_IGN)
         raise SystemExit(0)
