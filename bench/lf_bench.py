@@ -10,7 +10,8 @@ Environment:
                        timeline to BENCH_OUT/trace_rank0.json.gz (bench/trace_gaps.py reads it); no Python stacks
                        unless BENCH_PROFILE_STACK=1 (they slow the CPU side, which is what is being measured)
   (always)             per optimizer step, each rank's CPU time and GPU time (CUDA events) in DeepSpeed's forward,
-                       backward and step, and the step's whole GPU span: "phases" in timing_rank{R}.json
+                       backward and step (without DeepSpeed: the trainer's compute_loss, accelerate's backward,
+                       the optimizer's step), and the step's whole GPU span: "phases" in timing_rank{R}.json
   BENCH_TOKEN_SYNC=1   count tokens as transformers does, with a gather and a GPU->CPU copy in every micro-step
                        (sessions 1-6); by default the count stays on the GPU until the step's end, as a run without
                        include_num_input_tokens_seen (sftjobs' profiles) has no such synchronisation
@@ -125,6 +126,31 @@ class Phases:
                     cls.mark(_phase, "end")
 
             setattr(DeepSpeedEngine, phase, timed)
+
+    @classmethod
+    def install_plain(cls) -> None:
+        """The same phases where no DeepSpeed engine runs (deepspeed: none): forward = the trainer's compute_loss
+        (the model's forward and the loss), backward = accelerate's backward, step = the optimizer's step (the
+        gradient-norm clip runs outside it here, inside DeepSpeed's step above)."""
+        if not torch.cuda.is_available():
+            return
+        from accelerate import Accelerator
+        from accelerate.optimizer import AcceleratedOptimizer
+        from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
+
+        for owner, attr, phase in ((CustomSeq2SeqTrainer, "compute_loss", "forward"),
+                                   (Accelerator, "backward", "backward"), (AcceleratedOptimizer, "step", "step")):
+            orig = getattr(owner, attr)
+
+            def timed(self, *a, _orig=orig, _phase=phase, **k):
+                cls.mark(_phase, "start")
+                try:
+                    with torch.profiler.record_function(f"bench::{_phase}"):
+                        return _orig(self, *a, **k)
+                finally:
+                    cls.mark(_phase, "end")
+
+            setattr(owner, attr, timed)
 
     @classmethod
     def take(cls, begin) -> dict:
@@ -280,7 +306,12 @@ if __name__ == "__main__":
     from llamafactory.train.tuner import run_exp
 
     _patch_token_count()
-    Phases.install()
+    import yaml
+
+    if yaml.safe_load(open(sys.argv[1])).get("deepspeed"):
+        Phases.install()
+    else:  # deepspeed: none (plain torch; DDP on several GPUs)
+        Phases.install_plain()
     if os.environ.get("BENCH_NO_CUDNN_SDPA") == "1":  # fallback where TORCH_CUDNN_SDPA_DEPRIORITIZED is unknown
         torch.backends.cuda.enable_cudnn_sdp(False)
         print("[bench] cuDNN SDPA disabled in-process", flush=True)

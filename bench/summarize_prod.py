@@ -34,6 +34,9 @@ DESCRIPTIONS = {
          "one flash varlen call; idle micro-steps skipped, a step's longest sample split over a GPU pair where it "
          "costs more than a GPU's share; Liger, SDPA off cuDNN), with batch.global_size = 2 x GPUs so each GPU "
          "does what it does in an 8-GPU prod step",
+    "P_nodsfused": "P without DeepSpeed (bench/experiments/nodsfused.sets: deepspeed none, so plain torch with "
+                   "LLaMA-Factory's fp32 trainable params under bf16 autocast, DDP on several GPUs; torch's fused "
+                   "AdamW; no recompute, as P): issue 20's first candidate for prod's CPU-launch-bound step",
     "Pnoskip": "P with packing only: no idle micro-steps skipped, no samples split (session 4's P)",
     "Pskip": "Pnoskip with speed.skip_idle_micro_steps: the micro-step of a step that is empty on every GPU (one per "
              "step at 2 samples per GPU) runs no forward or backward instead of a one-token row",
@@ -81,8 +84,13 @@ def experiment_description(name: str) -> str:
         return f"fast with bench/experiments/{name[5:]}.ds.json merged into its DeepSpeed config"
     if name.startswith("S_"):
         return f"S + bench/experiments/{name[2:]}.sets"
-    if name.startswith("P_"):
-        return f"P with bench/experiments/{name[2:]}.ds.json merged into its DeepSpeed config"
+    if name.startswith("P_"):  # PX:NAME (a DeepSpeed patch) or PS:NAME (--set lines, harness environment)
+        here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments", name[2:])
+        parts = [f"the --set lines of bench/experiments/{name[2:]}.sets" if os.path.exists(here + ".sets") else "",
+                 f"bench/experiments/{name[2:]}.env" if os.path.exists(here + ".env") else "",
+                 f"bench/experiments/{name[2:]}.ds.json merged into its DeepSpeed config"
+                 if os.path.exists(here + ".ds.json") or not os.path.exists(here + ".sets") else ""]
+        return "P with " + " and ".join(x for x in parts if x)
     return name
 
 
@@ -199,7 +207,7 @@ def harness_item(workdir: str, name: str, warm: int, n_params: int, peak: float,
     t, tok, allt = r0["t"], r0["tokens"], r0.get("all_tokens") or r0["tokens"]
     ws = r0.get("world_size", 1)
     n = len(t)
-    d.update({"gpus": ws, "steps_done": n, "device": r0.get("device"),
+    d.update({"gpus": ws, "world_size": ws, "steps_done": n, "device": r0.get("device"),
               "peak_alloc_GiB": round(max(r.get("max_mem_alloc_GiB", 0) for r in recs), 2),
               "peak_reserved_GiB": round(max(r.get("max_mem_reserved_GiB", 0) for r in recs), 2),
               "smi_peak_used_GiB": smi_peak(os.path.join(od, "smi.csv"))})
@@ -229,7 +237,8 @@ def harness_item(workdir: str, name: str, warm: int, n_params: int, peak: float,
                   "s_per_step_median": round(statistics.median(dt), 3), "s_per_step_min": round(min(dt), 3),
                   "s_per_step_max": round(max(dt), 3), "tokens_per_step": round(ntok / n_meas),
                   "pad_fraction": round(1 - ntok / nall, 4) if nall else None, "tok_s_gpu": round(tps, 1),
-                  "mfu": round(6 * n_params * tps / (peak * 1e12), 4) if peak else None})
+                  "mfu": round(6 * n_params * tps / (peak * 1e12), 4) if peak else None,
+                  "mfu_780": round(6 * n_params * tps / 780e12, 4)})
         ph = phase_means(recs, files, keep)
         if ph:
             d["phases_ms"] = ph
@@ -333,10 +342,12 @@ def main() -> None:
     res = {
         "card": card,
         "gpus": ngpu,
+        "world_size": ngpu,
         "gpu_info": gpus,
         "bf16_matmul_peak_tflops": peak,
         "n_params": n_params,
-        "mfu_formula": "6 * n_params * tok_s_gpu / bf16_matmul_peak (no attention FLOPs, no recompute)",
+        "mfu_formula": "6 * n_params * tok_s_gpu / bf16_matmul_peak (no attention FLOPs, no recompute); mfu_780: the "
+                       "same over 780 TFLOP/s, the H100 convention of issue 20's targets (40% = 16,800 tok/s/GPU)",
         "data": {**(load("data/sft.jsonl.stats.json") or {}), "mean_tokens_per_sample_after_template": mean_tok},
         "projection": f"{HOURS_SAMPLES} samples x {EPOCHS} epochs x mean tokens/sample / (tok_s_gpu x {PROJ_GPUS} GPUs); "
                       "assumes the per-GPU rate measured here holds on 8 GPUs (not measured)",
@@ -358,19 +369,20 @@ def main() -> None:
             c["speedup_vs_A"] = round(c["tok_s_gpu"] / a, 2)
     with open(out_json, "w") as f:
         json.dump(res, f, indent=1)
-    rows = ["| item | GPUs | measured steps | s/step mean (median) | tokens/step | tok/s/GPU | MFU | peak GiB alloc / reserved / smi | 54Kx3 on 8 GPUs (h) | vs A |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| item | GPUs | measured steps | s/step mean (median) | tokens/step | tok/s/GPU | MFU (measured peak) | MFU (780) | peak GiB alloc / reserved / smi | 54Kx3 on 8 GPUs (h) | vs A |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for n, c in configs.items():
         if not c:
             continue
         if "tok_s_gpu" not in c:
-            rows.append(f"| {n} | | {c.get('error', 'no data')} | | | | | | | |")
+            rows.append(f"| {n} | | {c.get('error', 'no data')} | | | | | | | | |")
             continue
         mfu = f"{100 * c['mfu']:.1f}%" if c.get("mfu") is not None else "?"
         mem = f"{c.get('peak_alloc_GiB', '-')} / {c.get('peak_reserved_GiB', '-')} / {c.get('smi_peak_used_GiB', '-')}"
         ms = c.get("measured_steps", f"{c.get('measured_from_step')}..{c.get('measured_to_step')}")
         rows.append(f"| {n} | {c.get('gpus')} | {ms} | {c.get('s_per_step_mean')} ({c.get('s_per_step_median', '-')}) | "
-                    f"{c.get('tokens_per_step')} | {c['tok_s_gpu']:.0f} | {mfu} | {mem} | {c.get('proj_54k_x3_8gpu_h')} | "
+                    f"{c.get('tokens_per_step')} | {c['tok_s_gpu']:.0f} | {mfu} | "
+                    f"{(100 * c['mfu_780']) if c.get('mfu_780') is not None else float('nan'):.1f}% | {mem} | {c.get('proj_54k_x3_8gpu_h')} | "
                     f"{c.get('speedup_vs_A', '-')} |")
     prow = ["| item | rank | step GPU span | forward CPU / GPU | backward CPU / GPU | step CPU / GPU | calls f/b/s |",
             "|---|---|---|---|---|---|---|"]
