@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +106,22 @@ def not_utf8_advice(path: str | os.PathLike, found: tuple[str, str | None], what
     else:
         how = otherwise
     return f"{path} is {description}, not UTF-8 text; sftjobs reads a {what} as UTF-8 only: {how}"
+
+
+@contextmanager
+def exclusive_lock(path: str | os.PathLike, blocking: bool = True) -> Iterator[int | None]:
+    """Hold an exclusive flock on ``path`` (created if missing) for the with-block; the kernel releases it when the
+    holder exits or dies, so a crash leaves no stale lock. Non-blocking: yields None when someone else holds it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield None
+            return
+        yield fd
+    finally:
+        os.close(fd)  # closing the only descriptor releases the lock
+

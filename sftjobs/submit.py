@@ -12,6 +12,7 @@ from sftjobs import __version__, executors
 from sftjobs.env import library_versions
 from sftjobs.errors import SftjobsError
 from sftjobs.executors.base import Executor
+from sftjobs.fsutil import exclusive_lock
 from sftjobs.planning.dag import Plan, build_plan
 from sftjobs.planning.memory import summary_line
 from sftjobs.planning.run import plan_run
@@ -93,6 +94,14 @@ def read_json_quiet(path: Path) -> dict:
 
 
 def submit(p: Prepared) -> dict:
+    """Write the run directory and queue the chain. Submits into one run store take turns (a lock on the store):
+    the check for a live run in the same output_dir and this run's queueing are one step, so two submits started
+    at the same moment cannot both pass it. The train step itself also holds a lock on its output_dir."""
+    with exclusive_lock(p.run_dir.parent / ".submit.lock"):
+        return _submit_locked(p)
+
+
+def _submit_locked(p: Prepared) -> dict:
     output_dir = json.loads(p.files["plan.json"])["paths"]["output_dir"]
     busy = live_runs_using(output_dir)
     if busy:

@@ -14,6 +14,7 @@ started with USR2 ignored, so the signal Slurm sends to every process of the job
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -29,6 +30,7 @@ from pathlib import Path
 import psutil
 
 from sftjobs.errors import SftjobsError, StepStopped
+from sftjobs.fsutil import exclusive_lock
 from sftjobs.node.context import StepContext
 from sftjobs.node.monitor import Sampler
 
@@ -199,6 +201,44 @@ def _ignore_usr2() -> None:  # pragma: no cover - runs in the child between fork
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
+LOCK_NAME = ".sftjobs-writer.lock"
+REQUEUE_LOCK_WAIT_S = 180  # a requeued job may start while its dead predecessor's lock still lingers (NFS leases)
+
+
+@contextlib.contextmanager
+def output_dir_lock(ctx: StepContext, output_dir: Path):
+    """Only one training writes into an output_dir at a time: the first node holds an flock on a file there for as
+    long as it trains (released when the process ends, crash included). Another run's writer is refused at once;
+    this run's own step (a requeue that started before its predecessor's lock was released) waits a while."""
+    if ctx.node_rank != 0:
+        yield
+        return
+    lock = output_dir / LOCK_NAME
+    me = {"run": ctx.run_dir.name, "step": ctx.step.name, "host": socket.gethostname(), "pid": os.getpid(),
+          "job_id": os.environ.get("SLURM_JOB_ID")}
+    deadline = time.monotonic() + REQUEUE_LOCK_WAIT_S
+    while True:
+        with exclusive_lock(lock, blocking=False) as fd:
+            if fd is not None:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+                yield
+                return
+            try:
+                holder = json.loads(lock.read_text(encoding="utf-8") or "{}")
+            except (OSError, ValueError):
+                holder = {}
+            same = holder.get("run") == me["run"] and holder.get("step") == me["step"]
+            if not same or time.monotonic() > deadline:
+                who = (f"run {holder.get('run', '?')} (step {holder.get('step', '?')}, host {holder.get('host', '?')}, "
+                       f"pid {holder.get('pid', '?')})")
+                raise SftjobsError(f"{output_dir} is being written by {who}: two trainings in one output_dir would "
+                                   "clobber each other's checkpoints. Wait for it or cancel it, or set another "
+                                   "output_dir.")
+        ctx.log(f"{output_dir} is still locked by this step's previous attempt; waiting for it to be released")
+        time.sleep(5)
+
+
 def read_stop(marker: Path, since: float) -> dict | None:
     """The stop marker of this launch (a marker from an earlier launch is removed before it starts)."""
     try:
@@ -210,8 +250,14 @@ def read_stop(marker: Path, since: float) -> dict | None:
 
 
 def run(ctx: StepContext) -> None:
-    config = ctx.training_config_path()
     output_dir = ctx.output_dir()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with output_dir_lock(ctx, output_dir):
+        _train(ctx, output_dir)
+
+
+def _train(ctx: StepContext, output_dir: Path) -> None:
+    config = ctx.training_config_path()
     resume = newest_complete_checkpoint(output_dir, log=ctx.log) if ctx.node_rank == 0 else None
     if ctx.node_rank != 0:
         # every node must pass the same resume flag: read what the checkpoints say, do not move anything
