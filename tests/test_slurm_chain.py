@@ -176,6 +176,7 @@ def test_preview_matches_the_recorded_sbatch_scripts(slurm, in_tmp, capsys):
     out = capsys.readouterr().out
     run_id = out.split()[2]
     normalised = out.replace(str(in_tmp), "<TMP>").replace(run_id, "<RUN_ID>").replace(sys.executable, "<PYTHON>")
+    normalised = normalised.replace(f"-{run_id[-4:]}:<RUN_ID>", "-<RUN4>:<RUN_ID>")  # job names: trn-36f3:<run id>
     golden = Path(__file__).parent / "golden" / "prod_preview.txt"
     if os.environ.get("SFTJOBS_UPDATE_GOLDEN"):
         golden.write_text(normalised)
