@@ -35,7 +35,7 @@ class StepRow:
 
     def cells(self) -> list[str]:
         s = self.state
-        where = s.nodelist if s.state.startswith("RUNNING") or (s.nodelist and not s.reason) else f"({s.reason or 'None'})"
+        where = s.where()
         gpu = ""
         if self.monitor and self.monitor.get("gpus"):
             gpus = self.monitor["gpus"]

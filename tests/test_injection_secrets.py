@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sftjobs.executors.slurm import slurm_job_name
 from sftjobs.cli import main
+from sftjobs.executors.slurm import slurm_job_name
 from tests.conftest import run_cli
 from tests.slurm_helpers import FAKE_PYTHON, wait_until
 
