@@ -135,8 +135,9 @@ def select_runs(args: argparse.Namespace) -> tuple[list[Path], int]:
     from sftjobs.runs import find_run, list_runs, read_manifest
 
     runs = list_runs()
+    total = len(runs)
     if getattr(args, "run", None):
-        return [find_run(args.run)], len(runs)
+        return [find_run(args.run)], total
     if getattr(args, "profile", None):
         def profile_of(run: Path) -> str | None:
             try:
@@ -144,7 +145,7 @@ def select_runs(args: argparse.Namespace) -> tuple[list[Path], int]:
             except SftjobsError:
                 return None
         runs = [r for r in runs if profile_of(r) == args.profile]
-    return runs, len(list_runs())
+    return runs, total
 
 
 def status_view(args: argparse.Namespace, width: int) -> tuple[str, int]:
@@ -451,7 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="redraw in place every SECONDS (default 5) until Ctrl-C")
     p.add_argument("--count", type=int, default=None, metavar="N", help="with --watch: stop after N frames")
     p.add_argument("--wide", "-l", action="store_true", help="one table, every column, nothing cut to the terminal")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--json", action="store_true",
+                   help="machine-readable output: every step of the selected runs, finished ones included")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("list", parents=[store], help="the runs, one line each: run, profile, state, started, progress")

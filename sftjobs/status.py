@@ -23,7 +23,8 @@ COLUMNS = ("RUN", "STEP", "JOBID", "STATE", "TIME", "NODES", "NODELIST(REASON)",
 # The default table: one header line per run, then its steps; NODELIST(REASON) last, as in squeue's default format,
 # where it is cut to fit. Columns dropped, in this order, while a row is wider than the terminal.
 STEP_COLUMNS = ("STEP", "JOBID", "STATE", "TIME", "NODES", "PROGRESS", "LOSS", "ETA", "GPU", "NODELIST(REASON)")
-DROP_ORDER = ("GPU", "NODES", "LOSS", "ETA", "JOBID")
+# (JOBID before LOSS and ETA: the job ids are one `--wide` or `squeue -u $USER` away, a training ETA is not.)
+DROP_ORDER = ("GPU", "NODES", "JOBID", "LOSS", "ETA")
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
             "DEADLINE"}
 
@@ -170,7 +171,7 @@ def _user(uid: str) -> str:
         return f"uid {uid}"
 
 
-def _sentence(text: str, limit: int = 160) -> str:
+def _sentence(text: str, limit: int = 300) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[:limit - 3].rstrip() + "..."
 
@@ -277,8 +278,9 @@ def fit_table(rows: list[StepRow], width: int, headers: dict[str, str] | None = 
     def widths(cols):
         return {c: max([len(c)] + [len(n[c]) for n in named]) for c in cols}
 
-    def total(cols):
+    def total(cols):  # NODELIST(REASON) counted at its header's width at most: it is cut, not dropped
         w = widths(cols)
+        w["NODELIST(REASON)"] = min(w["NODELIST(REASON)"], len("NODELIST(REASON)"))
         return sum(w.values()) + 2 * (len(cols) - 1)
 
     for drop in DROP_ORDER:
@@ -287,8 +289,8 @@ def fit_table(rows: list[StepRow], width: int, headers: dict[str, str] | None = 
         if drop in columns:
             columns.remove(drop)
     w = widths(columns)
-    room = width - (total(columns) - w["NODELIST(REASON)"])
-    w["NODELIST(REASON)"] = max(room, 8)
+    others = sum(w[c] for c in columns if c != "NODELIST(REASON)") + 2 * (len(columns) - 1)
+    w["NODELIST(REASON)"] = min(w["NODELIST(REASON)"], max(width - others, 8))
 
     def line(values: dict[str, str]) -> str:
         return "  ".join(values[c][:w[c]].ljust(w[c]) for c in columns).rstrip()

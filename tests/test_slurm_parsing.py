@@ -57,3 +57,29 @@ def test_job_names_tell_steps_and_runs_apart_in_squeue_s_8_characters():
     shown = {slurm_job_name(step, run)[:8] for step in steps for run in runs}
     assert len(shown) == len(steps) * len(runs)
     assert slurm_job_name("train", runs[0]) == "trn-36f3:prod-20261203-130642-36f3"
+
+
+def test_a_training_run_fits_80_columns_and_only_a_running_step_has_an_eta():
+    from sftjobs.status import StepRow, fit_table
+
+    run = "prod-20261203-130642-36f3"
+    progress = {"current_steps": 1500, "total_steps": 3000, "loss": 1.0969, "remaining_time": "1:02:03"}
+    gpu = {"gpus": [{"util": 97, "mem_used_mib": 70000}]}
+    rows = [StepRow(run, "validate_dry_run", "1234567", StepState("COMPLETED", elapsed="1:02", nodes=1, nodelist="n1",
+                                                                   restarts=1)),
+            StepRow(run, "train", "1234568", StepState("RUNNING", elapsed="1-02:03:04", nodes=2, nodelist="gpu-node-[017-018]"),
+                    progress, gpu),
+            StepRow(run, "dry_run", "1234566", StepState("CANCELLED", elapsed="4:00", nodes=1, nodelist="gpu-node-017"),
+                    dict(progress), None)]
+    lines = fit_table(rows, 80, {run: f"run {run}"}).splitlines()
+    assert all(len(line) <= 80 for line in lines), "\n".join(lines)
+    header = lines[1].split()
+    # GPU, NODES, JOBID and LOSS give way (--wide shows them); the training step's ETA stays
+    assert header == ["STEP", "STATE", "TIME", "PROGRESS", "ETA", "NODELIST(REASON)"]
+    train = dict(zip(header, lines[3].split(), strict=False))
+    assert train["TIME"] == "1-02:03:04" and train["PROGRESS"] == "1500/3000"
+    assert train["ETA"] == "1:02:03" and "1:02:03" not in lines[4]  # a cancelled step keeps no stale ETA
+    assert lines[3].endswith(" gpu-node-[017-01")  # cut to fit, as squeue's %.16R would
+    assert "COMPLETED[1]" in lines[2]
+    wide = fit_table(rows, 200, {run: run}).splitlines()
+    assert "GPU" in wide[1] and "97% 68.4G" in wide[3] and "gpu-node-[017-018]" in wide[3]
