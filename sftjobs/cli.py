@@ -210,6 +210,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from sftjobs.runs import jobs_dir
 
+    if args.count is not None and args.watch is None:
+        raise SftjobsError(f"--count {args.count} goes with --watch: e.g. `sftjobs status --watch 5 --count {args.count}`.")
+    if args.json and args.watch is not None:
+        raise SftjobsError("--json and --watch do not go together: --json prints once; poll it, or drop --json.")
     if args.json:
         runs, _ = select_runs(args)
         rows, notes = collect_rows(runs)

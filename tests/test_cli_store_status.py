@@ -146,7 +146,7 @@ def test_watch_redraws_a_bounded_number_of_frames(store, tmp_path):
     assert result.returncode == 0 and time.time() - start >= 1.0
     frames = result.stdout.split("every 0.5s: sftjobs status")
     assert len(frames) == 4 and all(run in frame for frame in frames[1:])
-    for args in (["--watch", "0"], ["--watch", "1", "--count", "0"]):
+    for args in (["--watch", "0"], ["--watch", "1", "--count", "0"], ["--count", "2"], ["--watch", "--json"]):
         bad = run_cli("status", *args, cwd=tmp_path / "c")
         assert bad.returncode == 2 and bad.stderr.startswith("sftjobs: error: --")
 
