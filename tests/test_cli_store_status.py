@@ -198,3 +198,11 @@ def test_clean_keeps_live_runs_and_checkpoints_unless_asked(store, tmp_path):
     assert cleaned.returncode == 0 and f"removed {live}" in cleaned.stdout
     assert not (store / "jobs" / live).exists()
     assert checkpoints.is_dir()  # another run's checkpoints are never touched
+
+
+def test_clean_mistakes_are_one_message(store, tmp_path):
+    for args, text in ((["--older-than", "-1"], "--older-than -1: give a number of days >= 0"),
+                       (["nosuchrun"], "no run 'nosuchrun' in ")):
+        bad = run_cli("clean", *args, cwd=tmp_path / "c")
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and text in bad.stderr, bad.stderr
+    assert run_cli("clean", cwd=tmp_path / "c").stdout.startswith("nothing to clean in ")
