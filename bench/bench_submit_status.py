@@ -84,7 +84,7 @@ def main() -> int:
 
     def timed_status() -> tuple[float, subprocess.CompletedProcess]:
         start = time.perf_counter()
-        out = subprocess.run([sys.executable, "-m", "sftjobs", "status"], capture_output=True, text=True, cwd=work,
+        out = subprocess.run([sys.executable, "-m", "sftjobs", "status", "--all", "--wide"], capture_output=True, text=True, cwd=work,
                              env={**os.environ, "PYTHONPATH": str(REPO)})
         assert out.returncode == 0, out.stderr
         return time.perf_counter() - start, out

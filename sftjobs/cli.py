@@ -46,13 +46,13 @@ def cmd_render(args: argparse.Namespace) -> int:
     from sftjobs.planning.run import plan_run
     from sftjobs.profile import load_profile
     from sftjobs.render import memory_plan_of, render_files, write_run_dir
-    from sftjobs.runs import jobs_dir, new_run_id
+    from sftjobs.runs import jobs_dir, new_run_id, store_dir
 
     profile = load_profile(args.profile, args.overrides)
     plan = build_plan(profile, dry_run_first=args.dry_run_first)
     run_id = new_run_id(profile.name)
     out = Path(args.out).absolute() if args.out else jobs_dir() / "rendered" / run_id
-    files = render_files(plan_run(profile, plan, out, run_id))
+    files = render_files(plan_run(profile, plan, out, run_id, base=store_dir()))
     written = write_run_dir(files, out)
     print(f"rendered {profile.name} into {out} ({len(written)} files):")
     memory = memory_plan_of(files)
@@ -84,7 +84,7 @@ def wait_for_run(run_dir: Path, poll: float) -> int:
     """Block until every step has finished, then print the table, and the loss plot if there is one."""
     import time
 
-    from sftjobs.status import TERMINAL, collect, format_table
+    from sftjobs.status import TERMINAL, collect, fit_table
 
     last = None
     while True:
@@ -97,7 +97,7 @@ def wait_for_run(run_dir: Path, poll: float) -> int:
             break
         time.sleep(poll)
     print()
-    print(format_table(rows))
+    print(fit_table(rows, terminal_width()))
     for note in notes:
         print(f"note: {note}")
     plots = sorted((run_dir / "reports").glob("*_loss.png"))
@@ -109,24 +109,254 @@ def wait_for_run(run_dir: Path, poll: float) -> int:
     return 0 if all(r.state.state == "COMPLETED" for r in rows) else 1
 
 
+# squeue -t's short codes for the states a step can be in
+STATE_CODES = {"PD": "PENDING", "R": "RUNNING", "CG": "COMPLETING", "CD": "COMPLETED", "CA": "CANCELLED", "F": "FAILED",
+               "TO": "TIMEOUT", "OOM": "OUT_OF_MEMORY", "NF": "NODE_FAIL", "PR": "PREEMPTED", "RQ": "REQUEUED",
+               "S": "SUSPENDED", "BF": "BOOT_FAIL", "DL": "DEADLINE", "CF": "CONFIGURING"}
+
+
+def parse_states(value: str | None) -> set[str] | None:
+    if value is None:
+        return None
+    names = set(STATE_CODES.values()) | {"UNKNOWN"}
+    wanted = set()
+    for item in value.split(","):
+        word = item.strip().upper()
+        word = STATE_CODES.get(word, word)
+        if word not in names:
+            raise SftjobsError(f"--state {item.strip()!r} is not a job state. Use Slurm's names or squeue's codes, "
+                               f"comma-separated: {', '.join(f'{v} ({k})' for k, v in STATE_CODES.items())}.")
+        wanted.add(word)
+    return wanted
+
+
+def select_runs(args: argparse.Namespace) -> tuple[list[Path], int]:
+    """The runs a status or list asks about (RUN, or every run of --profile), and how many the store holds."""
+    from sftjobs.runs import find_run, list_runs, read_manifest
+
+    runs = list_runs()
+    total = len(runs)
+    if getattr(args, "run", None):
+        return [find_run(args.run)], total
+    if getattr(args, "profile", None):
+        def profile_of(run: Path) -> str | None:
+            try:
+                return read_manifest(run).get("profile")
+            except SftjobsError:
+                return None
+        runs = [r for r in runs if profile_of(r) == args.profile]
+    return runs, total
+
+
+def status_view(args: argparse.Namespace, width: int) -> tuple[str, int]:
+    """The status screen as text (one --watch frame) and how many runs it shows."""
+    import time
+
+    from sftjobs.runs import jobs_dir, read_manifest
+    from sftjobs.status import fit_table, format_table
+
+    runs, total = select_runs(args)
+    states = parse_states(args.state)
+    rows, notes = collect_rows(runs)
+    by_run: dict[str, list] = {}
+    for row in rows:
+        by_run.setdefault(row.run, []).append(row)
+    history = bool(args.all or args.run or states)
+    shown = {run: run_rows for run, run_rows in by_run.items() if history or any(r.state.live for r in run_rows)}
+    if states:
+        shown = {run: [r for r in rs if r.state.state.split()[0] in states] for run, rs in shown.items()}
+        shown = {run: rs for run, rs in shown.items() if rs}
+    rows = [r for rs in shown.values() for r in rs]
+    notes = [n for n in notes if any(n.startswith(f"run {run}:") for run in shown) or not n.startswith("run ")]
+    where = f"{total} run{'s' if total != 1 else ''} in {jobs_dir()}"
+    if not total:
+        return f"no runs yet in {jobs_dir()} (sftjobs submit PROFILE starts one)", 0
+    if not rows:
+        scope = f" of profile {args.profile}" if getattr(args, "profile", None) else ""
+        what = f"no live run{scope}" if not history else f"no run{scope} has a step in {args.state}" if states else f"no run{scope}"
+        hint = "; `sftjobs status --all` shows the finished ones" if not history else ""
+        return f"{what} among the {where}{hint}", 0
+    if args.wide:
+        text = format_table(rows)
+    else:
+        headers = {}
+        for run_dir in runs:
+            try:
+                m = read_manifest(run_dir)
+            except SftjobsError:
+                continue
+            started = time.strftime("%m-%d %H:%M", time.localtime(m.get("submitted", 0)))
+            headers[m["run_id"]] = f"run {m['run_id']}  profile {m.get('profile')}  {m.get('executor')}  started {started}"
+        text = fit_table(rows, width, headers)
+    more = "" if history or len(shown) == total else f" (--all shows the {total - len(shown)} finished)"
+    lines = [f"{len(shown)} of the {where}{more}", text] + [f"note: {n}" for n in notes]
+    return "\n".join(lines), len(shown)
+
+
+def collect_rows(runs: list[Path]):
+    from sftjobs.status import collect
+
+    return collect(runs)
+
+
+def terminal_width() -> int:
+    import shutil
+
+    return shutil.get_terminal_size((80, 24)).columns
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from sftjobs.runs import find_run, list_runs
-    from sftjobs.status import collect, format_table
+    from sftjobs.runs import jobs_dir
 
-    runs = [find_run(args.run)] if args.run else list_runs()
-    rows, notes = collect(runs)
+    if args.count is not None and args.watch is None:
+        raise SftjobsError(f"--count {args.count} goes with --watch: e.g. `sftjobs status --watch 5 --count {args.count}`.")
+    if args.json and args.watch is not None:
+        raise SftjobsError("--json and --watch do not go together: --json prints once; poll it, or drop --json.")
     if args.json:
-        print(json.dumps({"steps": [r.to_dict() for r in rows], "notes": notes}, indent=2, default=str))
+        runs, _ = select_runs(args)
+        rows, notes = collect_rows(runs)
+        states = parse_states(args.state)
+        if states:
+            rows = [r for r in rows if r.state.state.split()[0] in states]
+        print(json.dumps({"jobs_dir": str(jobs_dir()), "steps": [r.to_dict() for r in rows], "notes": notes},
+                         indent=2, default=str))
         return 0
-    if not rows and not notes:
-        print("no runs yet (sftjobs submit PROFILE starts one)")
+    if args.watch is None:
+        print(status_view(args, terminal_width())[0])
         return 0
-    print(format_table(rows))
-    for note in notes:
-        print(f"note: {note}")
+    return watch(args)
+
+
+def watch(args: argparse.Namespace) -> int:
+    """--watch [SECONDS]: redraw in place (as watch(1) and squeue -i do) until Ctrl-C, or --count frames."""
+    import time
+
+    interval = args.watch
+    if interval <= 0:
+        raise SftjobsError(f"--watch {interval:g}: the interval must be a positive number of seconds, e.g. --watch 5.")
+    if args.count is not None and args.count < 1:
+        raise SftjobsError(f"--count {args.count}: give at least 1 frame.")
+    tty = sys.stdout.isatty()
+    frame = 0
+    try:
+        while True:
+            text, _ = status_view(args, terminal_width())
+            head = f"every {interval:g}s: sftjobs status  {time.strftime('%H:%M:%S')}  (Ctrl-C stops)"
+            # home + clear to the end of the screen: the frame is redrawn where it was, no scrolling
+            sys.stdout.write(("\x1b[H\x1b[J" if tty else "") + head + "\n" + text + "\n")
+            sys.stdout.flush()
+            frame += 1
+            if args.count is not None and frame >= args.count:
+                return 0
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    import time
+
+    from sftjobs.runs import jobs_dir, read_manifest
+    from sftjobs.status import run_progress, run_state
+
+    runs, _ = select_runs(args)
+    if not runs:
+        print(f"no runs yet in {jobs_dir()} (sftjobs submit PROFILE starts one)")
+        return 0
+    rows, _ = collect_rows(runs)
+    by_run: dict[str, list] = {}
+    for row in rows:
+        by_run.setdefault(row.run, []).append(row)
+    table = [("RUN", "PROFILE", "STATE", "STARTED", "PROGRESS")]
+    for run_dir in runs:
+        try:
+            m = read_manifest(run_dir)
+        except SftjobsError:
+            continue
+        run_rows = by_run.get(m["run_id"], [])
+        started = time.strftime("%m-%d %H:%M", time.localtime(m.get("submitted", 0)))
+        table.append((m["run_id"], str(m.get("profile")), run_state(run_rows), started, run_progress(run_rows)))
+    widths = [max(len(r[i]) for r in table) for i in range(5)]
+    print(f"runs in {jobs_dir()}")
+    for r in table:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     return 0
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    import shutil
+    import time
+
+    from sftjobs.runs import find_run, jobs_dir, list_runs
+    from sftjobs.status import collect
+
+    if args.older_than < 0:
+        raise SftjobsError(f"--older-than {args.older_than:g}: give a number of days >= 0, e.g. --older-than 7.")
+    every = list_runs()
+    named = [find_run(ref) for ref in args.runs]
+    candidates = named or [r for r in every if time.time() - _submitted(r) >= args.older_than * 86400]
+    rows, _ = collect(candidates)
+    live = {r.run for r in rows if r.state.live}
+    if named and live & {p.name for p in named}:
+        busy = sorted(live & {p.name for p in named})
+        raise SftjobsError(f"run {', '.join(busy)} is still live: clean never removes a live run. "
+                           f"`sftjobs cancel {busy[0]}` first, or wait for it.")
+    doomed = [r for r in candidates if r.name not in live]
+    kept = [r for r in every if r not in doomed]
+    kept_outputs = set()
+    for r in kept:
+        kept_outputs |= set(_outputs(r))
+    if not doomed:
+        print(f"nothing to clean in {jobs_dir()} (no finished run older than {args.older_than:g} days)")
+        return 0
+    verb = "would remove" if args.dry_run else "removed"
+    for run_dir in doomed:
+        targets = [run_dir]
+        note = ""
+        if args.checkpoints:
+            outputs = [Path(o) for o in _outputs(run_dir) if Path(o).exists()]
+            shared = [o for o in outputs if str(o) in kept_outputs]
+            targets += [o for o in outputs if str(o) not in kept_outputs]
+            if shared:
+                note = f" (kept {', '.join(map(str, shared))}: another run uses it)"
+        elif any(Path(o).exists() for o in _outputs(run_dir)):
+            note = " (checkpoints kept; --checkpoints removes them)"
+        size = sum(_size(t) for t in targets)
+        if not args.dry_run:
+            for target in targets:
+                shutil.rmtree(target, ignore_errors=True)
+        print(f"{verb} {run_dir.name}: {', '.join(str(t) for t in targets)}, {size / 2**20:.1f} MiB{note}")
+    if args.dry_run:
+        print("nothing removed (--dry-run)")
+    return 0
+
+
+def _submitted(run_dir: Path) -> float:
+    from sftjobs.runs import read_manifest
+
+    try:
+        return float(read_manifest(run_dir).get("submitted") or 0)
+    except SftjobsError:
+        return 0.0
+
+
+def _outputs(run_dir: Path) -> list[str]:
+    """The checkpoint folders a run wrote (plan.json's output_dir and its dry run's)."""
+    import json
+
+    try:
+        paths = json.loads((run_dir / "plan.json").read_text())["paths"]
+    except (OSError, ValueError, KeyError):
+        return []
+    return [paths[k] for k in ("output_dir", "dry_run_output_dir") if paths.get(k)]
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -190,18 +420,24 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sftjobs", description="LLaMA-Factory SFT job chains on Slurm or this machine.")
+    # every command takes --jobs-dir, before or after its name
+    store = argparse.ArgumentParser(add_help=False)
+    store.add_argument("--jobs-dir", "--store", dest="jobs_dir", metavar="DIR", default=argparse.SUPPRESS,
+                       help="where runs live (default: $SFTJOBS_JOBS_DIR, else $XDG_DATA_HOME/sftjobs/jobs, i.e. "
+                            "~/.local/share/sftjobs/jobs); relative profile paths resolve against its parent folder")
+    parser = argparse.ArgumentParser(prog="sftjobs", description="LLaMA-Factory SFT job chains on Slurm or this machine.",
+                                     parents=[store])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("profiles", help="list the stage profiles with a one-line summary each")
+    p = sub.add_parser("profiles", parents=[store], help="list the stage profiles with a one-line summary each")
     p.set_defaults(func=cmd_profiles)
 
-    p = sub.add_parser("render", help="write the run directory that submit would use, without submitting")
+    p = sub.add_parser("render", parents=[store], help="write the run directory that submit would use, without submitting")
     _add_profile_args(p)
     p.add_argument("--out", metavar="DIR", help="where to write (default: <jobs dir>/rendered/<run-id>)")
     p.set_defaults(func=cmd_render)
 
-    p = sub.add_parser("submit", help="render a run and queue its whole chain (Slurm, or this machine)")
+    p = sub.add_parser("submit", parents=[store], help="render a run and queue its whole chain (Slurm, or this machine)")
     _add_profile_args(p)
     p.add_argument("--executor", choices=("auto", "slurm", "local", "debug"), default=None,
                    help="default: the profile's resources.executor (auto: slurm if sbatch is on PATH, else local)")
@@ -210,22 +446,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll", type=float, default=5.0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("status", help="squeue-style table of every run and step (or one RUN)")
-    p.add_argument("run", nargs="?", metavar="RUN")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("status", parents=[store], help="squeue-style table of the live runs (or one RUN, or --all)")
+    p.add_argument("run", nargs="?", metavar="RUN", help="a run id, a unique prefix of one, a run directory, or 'last'")
+    p.add_argument("--all", "-a", action="store_true", help="finished runs too (default: the live ones)")
+    p.add_argument("--state", "-t", metavar="STATES",
+                   help="only steps in these states, comma-separated, Slurm's names or squeue's codes (PD,R,CD,CA,F)")
+    p.add_argument("--profile", "-p", metavar="PROFILE", help="only runs of this profile")
+    p.add_argument("--watch", "-i", nargs="?", type=float, const=5.0, default=None, metavar="SECONDS",
+                   help="redraw in place every SECONDS (default 5) until Ctrl-C")
+    p.add_argument("--count", type=int, default=None, metavar="N", help="with --watch: stop after N frames")
+    p.add_argument("--wide", "-l", action="store_true", help="one table, every column, nothing cut to the terminal")
+    p.add_argument("--json", action="store_true",
+                   help="machine-readable output: every step of the selected runs, finished ones included")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("logs", help="show (or -f follow) a step's log")
+    p = sub.add_parser("list", parents=[store], help="the runs, one line each: run, profile, state, started, progress")
+    p.add_argument("--profile", "-p", metavar="PROFILE", help="only runs of this profile")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("clean", parents=[store],
+                       help="remove finished run directories (never a live run's; checkpoints only with --checkpoints)")
+    p.add_argument("runs", nargs="*", metavar="RUN", help="these runs (default: every finished run older than --older-than)")
+    p.add_argument("--older-than", type=float, default=7.0, metavar="DAYS", help="default 7")
+    p.add_argument("--checkpoints", action="store_true",
+                   help="also remove the runs' checkpoint folders (output_dir) that no kept run uses")
+    p.add_argument("--dry-run", "-n", action="store_true", help="say what would be removed, remove nothing")
+    p.set_defaults(func=cmd_clean)
+
+    p = sub.add_parser("logs", parents=[store], help="show (or -f follow) a step's log")
     p.add_argument("run", metavar="RUN")
     p.add_argument("step", nargs="?", metavar="STEP", help="default: the failed step, else the latest started")
     p.add_argument("-f", "--follow", action="store_true")
     p.set_defaults(func=cmd_logs)
 
-    p = sub.add_parser("cancel", help="cancel every live job of a run")
+    p = sub.add_parser("cancel", parents=[store], help="cancel every live job of a run")
     p.add_argument("run", metavar="RUN")
     p.set_defaults(func=cmd_cancel)
 
-    p = sub.add_parser("resume", help="resubmit the steps of a run that did not complete (training resumes)")
+    p = sub.add_parser("resume", parents=[store], help="resubmit the steps of a run that did not complete (training resumes)")
     p.add_argument("run", metavar="RUN")
     p.add_argument("--wait", action="store_true", help="block until the chain ends")
     p.set_defaults(func=cmd_resume)
@@ -236,6 +494,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "jobs_dir", None) is not None:
+            from sftjobs.runs import set_jobs_dir
+
+            set_jobs_dir(args.jobs_dir)
         return int(args.func(args) or 0)
     except SftjobsError as exc:
         print(f"sftjobs: error: {exc}", file=sys.stderr)

@@ -13,13 +13,18 @@ from typing import Any
 
 from sftjobs import executors
 from sftjobs.errors import SftjobsError
-from sftjobs.executors.base import StepState
+from sftjobs.executors.base import StepState, duration_seconds, squeue_time
 from sftjobs.fsutil import atomic_write_text, read_json
 from sftjobs.io.monitor_log import latest_sample
 from sftjobs.planning.dag import Plan
 from sftjobs.runs import read_manifest, write_manifest
 
 COLUMNS = ("RUN", "STEP", "JOBID", "STATE", "TIME", "NODES", "NODELIST(REASON)", "PROGRESS", "LOSS", "ETA", "GPU")
+# The default table: one header line per run, then its steps; NODELIST(REASON) last, as in squeue's default format,
+# where it is cut to fit. Columns dropped, in this order, while a row is wider than the terminal.
+STEP_COLUMNS = ("STEP", "JOBID", "STATE", "TIME", "NODES", "PROGRESS", "LOSS", "ETA", "GPU", "NODELIST(REASON)")
+# (JOBID before LOSS and ETA: the job ids are one `--wide` or `squeue -u $USER` away, a training ETA is not.)
+DROP_ORDER = ("GPU", "NODES", "JOBID", "LOSS", "ETA")
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
             "DEADLINE"}
 
@@ -35,7 +40,7 @@ class StepRow:
 
     def cells(self) -> list[str]:
         s = self.state
-        where = s.nodelist if s.state.startswith("RUNNING") or (s.nodelist and not s.reason) else f"({s.reason or 'None'})"
+        where = s.where()
         gpu = ""
         if self.monitor and self.monitor.get("gpus"):
             gpus = self.monitor["gpus"]
@@ -44,7 +49,19 @@ class StepRow:
         return [self.run, self.step, self.job_id, s.state + (f"[{s.restarts}]" if s.restarts else ""), s.elapsed or "0:00",
                 "" if s.nodes is None else str(s.nodes), where,
                 f"{p['current_steps']}/{p['total_steps']}" if p.get("total_steps") else "",
-                f"{p['loss']:.4f}" if isinstance(p.get("loss"), (int, float)) else "", p.get("remaining_time", ""), gpu]
+                f"{p['loss']:.4f}" if isinstance(p.get("loss"), (int, float)) else "", self.eta(), gpu]
+
+    def eta(self) -> str:
+        """The trainer's remaining time in squeue's TIME format, while the step runs (a finished, failed or
+        cancelled step has none: its last logged ETA is stale)."""
+        remaining = self.progress.get("remaining_time")
+        if not remaining or not self.state.state.startswith("RUNNING"):
+            return ""
+        seconds = duration_seconds(str(remaining))
+        return squeue_time(seconds) if seconds is not None else str(remaining)
+
+    def named_cells(self) -> dict[str, str]:
+        return dict(zip(COLUMNS, self.cells(), strict=True))
 
     def to_dict(self) -> dict[str, Any]:
         return {"run": self.run, "step": self.step, "job_id": self.job_id, **self.state.to_dict(),
@@ -142,11 +159,47 @@ def mend_broken_chain(run_dir: Path, manifest: dict[str, Any], states: dict[str,
         manifest.setdefault("history", []).append({"time": time.time(), "event": "chain_broken", "step": first,
                                                    "cancelled": victims})
         write_manifest(run_dir, manifest)
+    return describe_break(run_dir, manifest, states, plan, first)
+
+
+def _user(uid: str) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(int(uid)).pw_name
+    except (KeyError, ValueError):
+        return f"uid {uid}"
+
+
+def _sentence(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3].rstrip() + "..."
+
+
+def describe_break(run_dir: Path, manifest: dict[str, Any], states: dict[str, StepState], plan: Plan, first: str) -> str:
+    """What broke the chain, as a sentence: which step, what happened to it, and what that means for the rest."""
     s = states[first]
+    word = s.state.split()[0]
+    by = s.extra.get("cancelled_by_uid")
+    ran = bool(s.nodelist) and (duration_seconds(s.elapsed or "0") or 0) > 0
+    if word == "CANCELLED":
+        what = f"was cancelled{' by ' + _user(by) if by else ''}" + (f" after {s.elapsed}" if ran else " before it started")
+    elif word == "TIMEOUT":
+        what = f"reached its time limit after {s.elapsed}"
+    elif word == "OUT_OF_MEMORY":
+        what = "ran out of memory (raise resources.mem)"
+    else:
+        code = f" with exit code {s.exit_code.split(':')[0]}" if s.exit_code and s.exit_code not in ("0", "0:0") else ""
+        what = f"{word.lower().replace('_', ' ')}{code}"
     marker = step_marker(run_dir, first) or {}
-    why = marker.get("message") or last_log_lines(run_dir, manifest, first, 3)
-    code = f", exit code {s.exit_code}" if s.exit_code else ""
-    return f"chain broken at step {first}: {s.state}{code}: {why}".strip()
+    why = marker.get("message") or ""
+    if not why and word != "CANCELLED":
+        why = last_words(log_path(run_dir, manifest, first))
+    after = [n for n in plan.dependants(first) if n in states]
+    rest = f"; {', '.join(after)} did not run" if after else ""
+    detail = f" ({_sentence(why)})" if why and not why.startswith("(no log") else ""
+    hint = f" `sftjobs logs {manifest['run_id']} {first}` shows its log." if word != "CANCELLED" else ""
+    return f"step {first} {what}{detail}{rest}.{hint}"
 
 
 def collect(run_dirs: list[Path]) -> tuple[list[StepRow], list[str]]:
@@ -189,9 +242,9 @@ def run_rows_and_notes(run_dir: Path, manifest: dict[str, Any],
     notes = []
     broken = mend_broken_chain(run_dir, manifest, states, Plan.from_dict(plan_data))
     if broken:
-        notes.append(f"{manifest['run_id']}: {broken}")
+        notes.append(f"run {manifest['run_id']}: {broken}")
     troubles = {s.reason for s in states.values() if "unreachable" in s.reason or "unavailable" in s.reason}
-    notes += [f"{manifest['run_id']}: {t}" for t in sorted(troubles)]
+    notes += [f"run {manifest['run_id']}: {t}; its states come from the steps' own records." for t in sorted(troubles)]
     rows = []
     for step in plan_data["steps"]:
         name = step["name"]
@@ -208,10 +261,71 @@ def run_rows_and_notes(run_dir: Path, manifest: dict[str, Any],
 
 
 def format_table(rows: list[StepRow]) -> str:
+    """The wide table (--wide, and the end of submit --wait): every column, one row per step, nothing cut."""
     cells = [list(COLUMNS)] + [r.cells() for r in rows]
     keep = [i for i in range(len(COLUMNS)) if i < 7 or any(row[i] for row in cells[1:])]
     widths = [max(len(row[i]) for row in cells) for i in keep]
     return "\n".join("  ".join(row[i].ljust(w) for i, w in zip(keep, widths, strict=False)).rstrip() for row in cells)
+
+
+def fit_table(rows: list[StepRow], width: int, headers: dict[str, str] | None = None) -> str:
+    """The default table, fitted to `width` columns: a line per run (headers[run]), then its steps; empty
+    optional columns left out, then DROP_ORDER dropped while too wide, then NODELIST(REASON) cut (as squeue's
+    %.NR would)."""
+    named = [r.named_cells() for r in rows]
+    columns = [c for c in STEP_COLUMNS if c not in ("PROGRESS", "LOSS", "ETA", "GPU") or any(n[c] for n in named)]
+
+    def widths(cols):
+        return {c: max([len(c)] + [len(n[c]) for n in named]) for c in cols}
+
+    def total(cols):  # NODELIST(REASON) counted at its header's width at most: it is cut, not dropped
+        w = widths(cols)
+        w["NODELIST(REASON)"] = min(w["NODELIST(REASON)"], len("NODELIST(REASON)"))
+        return sum(w.values()) + 2 * (len(cols) - 1)
+
+    for drop in DROP_ORDER:
+        if total(columns) <= width:
+            break
+        if drop in columns:
+            columns.remove(drop)
+    w = widths(columns)
+    others = sum(w[c] for c in columns if c != "NODELIST(REASON)") + 2 * (len(columns) - 1)
+    w["NODELIST(REASON)"] = min(w["NODELIST(REASON)"], max(width - others, 8))
+
+    def line(values: dict[str, str]) -> str:
+        return "  ".join(values[c][:w[c]].ljust(w[c]) for c in columns).rstrip()
+
+    out = []
+    run = None
+    for row, cells in zip(rows, named, strict=True):
+        if row.run != run:
+            run = row.run
+            out.append((headers or {}).get(run, run)[:width])
+            out.append(line({c: c for c in columns}))
+        out.append(line(cells))
+    return "\n".join(out)
+
+
+def run_state(rows: list[StepRow]) -> str:
+    """One word for a run, in Slurm's words: RUNNING / PENDING while live, COMPLETED when every step did, else
+    the first step's end that was not COMPLETED (FAILED, CANCELLED, TIMEOUT, ...)."""
+    words = [r.state.state.split()[0] for r in rows]
+    if any(r.state.live for r in rows):
+        return "RUNNING" if any(w in ("RUNNING", "COMPLETING", "CONFIGURING") for w in words) else "PENDING"
+    if words and all(w == "COMPLETED" for w in words):
+        return "COMPLETED"
+    return next((w for w in words if w != "COMPLETED"), "UNKNOWN")
+
+
+def run_progress(rows: list[StepRow]) -> str:
+    """e.g. "3/5 steps, train 40/100"."""
+    done = sum(r.state.state == "COMPLETED" for r in rows)
+    text = f"{done}/{len(rows)} steps"
+    trained = [r for r in rows if r.progress.get("total_steps") and (r.state.live or r.state.state == "COMPLETED")]
+    if trained:
+        latest = trained[-1]
+        text += f", {latest.step} {latest.progress['current_steps']}/{latest.progress['total_steps']}"
+    return text
 
 
 # ----------------------------------------------------------------------------- logs
@@ -231,6 +345,20 @@ def last_log_lines(run_dir: Path, manifest: dict[str, Any], step: str, count: in
     except OSError:
         return f"(no log at {path})"
     return " | ".join(lines[-count:])
+
+
+def last_words(path: Path) -> str:
+    """The step's own last line in its log: before submitit's report of the exception (its "submitit ERROR"
+    lines and traceback) and srun's "task 0: Exited with exit code 1"."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, path.stat().st_size - 32768))
+            lines = handle.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    ours = next((i for i, line in enumerate(lines) if line.startswith("submitit ERROR")), len(lines))
+    kept = [ln for ln in lines[:ours] if ln.strip() and not ln.startswith(("submitit ", "srun: "))]
+    return kept[-1].strip() if kept else ""
 
 
 def default_log_step(run_dir: Path, manifest: dict[str, Any]) -> str:

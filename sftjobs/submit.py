@@ -18,7 +18,7 @@ from sftjobs.planning.memory import summary_line
 from sftjobs.planning.run import plan_run
 from sftjobs.profile import Profile, load_profile
 from sftjobs.render import memory_plan_of, render_files, write_run_dir
-from sftjobs.runs import new_run_id, read_manifest, write_manifest
+from sftjobs.runs import new_run_id, read_manifest, store_dir, write_manifest
 from sftjobs.runs import run_dir as run_dir_for
 
 
@@ -58,7 +58,7 @@ def prepare(profile_ref: str, overrides: list[str], dry_run_first: bool, executo
     run_id = new_run_id(profile.name)
     run_dir = run_dir_for(run_id)
     backend.check_run_dir(run_dir)
-    return Prepared(profile, plan, run_id, run_dir, render_files(plan_run(profile, plan, run_dir, run_id)), backend, name, why)
+    return Prepared(profile, plan, run_id, run_dir, render_files(plan_run(profile, plan, run_dir, run_id, base=store_dir())), backend, name, why)
 
 
 def preview(p: Prepared) -> str:

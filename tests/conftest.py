@@ -7,6 +7,12 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def private_store(tmp_path_factory, monkeypatch):
+    """The per-user store ($XDG_DATA_HOME/sftjobs) of every test is its own, never the user's."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg_data")))
+
+
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch):
     """Run with an empty working directory: no ./configs of the user's, runs go to tmp/jobs."""

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from sftjobs.cli import main
+from sftjobs.executors.slurm import slurm_job_name
 from tests.conftest import run_cli
 from tests.slurm_helpers import FAKE_PYTHON, wait_until
 
@@ -219,7 +220,7 @@ def test_sbatch_lines_of_a_run_directory_with_shell_syntax(in_tmp):
         options = dict(shlex.split(line)[1].lstrip("-").split("=", 1) for line in block)
         assert all(len(shlex.split(line)) == 2 and line.startswith("#SBATCH --") for line in block)
         assert {"job-name", "output", "partition", "time", "mem"} <= set(options)
-        assert options["job-name"] == f"sftjobs:toy-1:{request.step}"
+        assert options["job-name"] == slurm_job_name(request.step, "toy-1")
         assert options["output"] == f"{run_dir}/slurm/{request.step}/%j_0_log.out"
         assert ("dependency" in options) == bool(request.after)
         subprocess.run(["bash", "-n"], input=request.text, text=True, check=True)

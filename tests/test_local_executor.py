@@ -52,8 +52,11 @@ def test_local_chain_runs_in_order_after_the_submitter_exits(in_tmp, capsys):
             assert chain[parent]["ended"] <= chain[step]["started"]
     assert (run_dir / "logs" / "train.log").read_text().startswith("fake step train done")
     assert main(["status"]) == 0
-    table = capsys.readouterr().out
-    assert table.splitlines()[0].split()[:4] == ["RUN", "STEP", "JOBID", "STATE"] and "COMPLETED" in table
+    assert capsys.readouterr().out.startswith("no live run among the 1 run in ")  # finished: --all shows it
+    assert main(["status", "--all"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].startswith(f"run {run_dir.name}  profile toy  local  started ")
+    assert table[2].split()[:4] == ["STEP", "JOBID", "STATE", "TIME"] and "COMPLETED" in table[3]
 
 
 def test_local_failure_cancels_dependants(in_tmp, capsys):

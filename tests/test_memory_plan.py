@@ -274,7 +274,7 @@ def test_step_context_carries_the_plan(in_tmp):
 
     prof = load_profile("toy", ["deepspeed=auto"])
     run_dir = in_tmp / "run"
-    write_run_dir(render_files(plan_run(prof, build_plan(prof), run_dir, "r")), run_dir)
+    write_run_dir(render_files(plan_run(prof, build_plan(prof), run_dir, "r", base=in_tmp)), run_dir)
     ctx = StepContext.load(run_dir, "preflight")
     assert ctx.profile["deepspeed"] == "auto" and ctx.memory_plan["mode"] == "auto"
     assert ctx.memory_plan["inputs"]["params"] == 494_032_768

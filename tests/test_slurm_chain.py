@@ -100,7 +100,8 @@ def test_failing_step_cancels_the_rest_and_status_says_why(slurm, in_tmp, capsys
         assert final[step].startswith("CANCELLED"), final
     report = status_json(capsys, manifest["run_id"])
     note = " ".join(report["notes"])
-    assert "chain broken at step" in note and "data" in note and "/nonexistent/data.jsonl" in note
+    assert f"run {manifest['run_id']}: step data failed with exit code 1 (" in note and "/nonexistent/data.jsonl" in note
+    assert "; preflight, train, validate did not run." in note
 
 
 def test_status_cancels_a_chain_left_pending_by_a_killed_step(slurm, in_tmp, capsys):
@@ -115,7 +116,7 @@ def test_status_cancels_a_chain_left_pending_by_a_killed_step(slurm, in_tmp, cap
     wait_until(lambda: "DependencyNeverSatisfied" in scontrol_job(jobs["train"]).get("Reason", ""), 120, 2,
                "train to become DependencyNeverSatisfied")
     report = status_json(capsys, manifest["run_id"])
-    assert any("chain broken at step preflight" in n for n in report["notes"]), report["notes"]
+    assert any("step preflight failed" in n and "train, validate did not run" in n for n in report["notes"]), report["notes"]
     wait_until(lambda: scontrol_job(jobs["validate"])["JobState"] == "CANCELLED", 30, 1, "validate cancelled")
     assert scontrol_job(jobs["train"])["JobState"] == "CANCELLED"
 
@@ -176,6 +177,7 @@ def test_preview_matches_the_recorded_sbatch_scripts(slurm, in_tmp, capsys):
     out = capsys.readouterr().out
     run_id = out.split()[2]
     normalised = out.replace(str(in_tmp), "<TMP>").replace(run_id, "<RUN_ID>").replace(sys.executable, "<PYTHON>")
+    normalised = normalised.replace(f"-{run_id[-4:]}:<RUN_ID>", "-<RUN4>:<RUN_ID>")  # job names: trn-36f3:<run id>
     golden = Path(__file__).parent / "golden" / "prod_preview.txt"
     if os.environ.get("SFTJOBS_UPDATE_GOLDEN"):
         golden.write_text(normalised)

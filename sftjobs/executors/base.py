@@ -18,6 +18,30 @@ LIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "R
 DONE_OK = "COMPLETED"
 
 
+def squeue_time(seconds: float) -> str:
+    """squeue's TIME format (%M): M:SS, H:MM:SS, D-HH:MM:SS; every backend's elapsed time is shown this way."""
+    seconds = max(int(seconds), 0)
+    days, rem = divmod(seconds, 86400)
+    hours, rem = divmod(rem, 3600)
+    minutes, secs = divmod(rem, 60)
+    if days:
+        return f"{days}-{hours:02d}:{minutes:02d}:{secs:02d}"
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def duration_seconds(text: str) -> int | None:
+    """Slurm's elapsed forms ([D-]HH:MM:SS from sacct, M:SS / H:MM:SS / D-HH:MM:SS from squeue) -> seconds."""
+    days, _, rest = text.strip().rpartition("-")
+    try:
+        parts = [int(float(p)) for p in rest.split(":")]
+        total = 0
+        for part in parts:
+            total = total * 60 + part
+        return int(days or 0) * 86400 + total
+    except ValueError:
+        return None
+
+
 @dataclass
 class Request:
     """What one step is sent as: the exact text the backend submits and the parents it waits for."""
@@ -41,6 +65,13 @@ class StepState:
     @property
     def live(self) -> bool:
         return self.state.split()[0] in LIVE_STATES
+
+    def where(self) -> str:
+        """squeue's NODELIST(REASON): the reason while the job waits, else the nodes it ran on; sacct's
+        "None assigned" for a job that ended without running (its Reason is the stale "Dependency")."""
+        if self.state.split()[0] in ("PENDING", "REQUEUED") or (self.live and not self.nodelist):
+            return f"({self.reason or 'None'})"
+        return self.nodelist or "None assigned"
 
     def to_dict(self) -> dict[str, Any]:
         return {**vars(self), "extra": dict(self.extra)}  # flat fields: no need for asdict's deep copy

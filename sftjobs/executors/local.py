@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 
 from sftjobs.errors import SftjobsError
-from sftjobs.executors.base import Executor, Request, StepState
+from sftjobs.executors.base import Executor, Request, StepState, squeue_time
 from sftjobs.fsutil import atomic_write_json, read_json
 from sftjobs.planning.dag import Plan, Step
 
@@ -27,9 +27,7 @@ STATE_FILE = "local/chain.json"
 
 
 def _fmt_elapsed(seconds: float) -> str:
-    seconds = int(seconds)
-    hours, rem = divmod(seconds, 3600)
-    return f"{hours}:{rem // 60:02d}:{rem % 60:02d}" if hours else f"{rem // 60}:{rem % 60:02d}"
+    return squeue_time(seconds)
 
 
 class ChainState:
@@ -141,7 +139,7 @@ class LocalExecutor(Executor):
             elapsed = _fmt_elapsed((ended or now) - started) if started else "0:00"
             live = state in ("RUNNING", "PENDING")
             result[name] = StepState(state, reason=reason if reason != "None" else "", elapsed=elapsed,
-                                     nodes=1, nodelist="localhost" if state != "PENDING" else "",
+                                     nodes=1, nodelist="localhost" if started else "",
                                      exit_code=entry.get("exit_code", ""), extra={"pid": entry.get("pid") if live else None})
         return result
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sftjobs.errors import SftjobsError
-from sftjobs.executors.base import Executor, Request, StepState
+from sftjobs.executors.base import Executor, Request, StepState, duration_seconds, squeue_time
 from sftjobs.planning.dag import Plan, Step
 
 # No job names: squeue -a lists every user's jobs, and a name is free text (a "|" or a newline in someone else's
@@ -33,6 +33,18 @@ def check_sbatch_text(text: str, what: str) -> None:
             f"{what} {text!r} holds {bad.group()!r}: it goes into the job's #SBATCH lines, where sbatch ends a line "
             "at a newline, drops backslashes and expands '%', so no control character, backslash or '%' can be "
             "quoted there. Use a path without them (set SFTJOBS_JOBS_DIR to another directory).")
+
+
+# squeue's default format shows 8 characters of a job name (%.8j): a three-letter step tag and the run id's last
+# four characters (its random suffix) fill them, so the steps of one run and the runs of one profile read apart
+# there; the full run id follows for `squeue -o %j` and sacct.
+STEP_TAGS = {"data": "dat", "model": "mdl", "preflight": "pre", "dry_run": "dry", "validate_dry_run": "vdr",
+             "train": "trn", "validate": "val"}
+
+
+def slurm_job_name(step: str, run_id: str) -> str:
+    """e.g. trn-690a:demo-20261203-125454-690a (squeue's default column shows trn-690a)."""
+    return f"{STEP_TAGS.get(step, step[:3])}-{run_id[-4:]}:{run_id}"
 
 
 def slurm_minutes(value: str) -> int:
@@ -90,7 +102,7 @@ class SlurmExecutor(Executor):
         import submitit  # only submitting needs it; tracking (status, cancel) stays light
 
         self.check_run_dir(run_dir)
-        job_name = f"sftjobs:{run_dir.name}:{step.name}"
+        job_name = slurm_job_name(step.name, run_dir.name)
         check_sbatch_text(job_name, "the Slurm job name")
 
         # submitit requeues a Checkpointable step that reaches its time limit at most max_num_timeout times
@@ -203,24 +215,46 @@ def _run(cmd: list[str]) -> str:
 
 def squeue_states() -> dict[str, StepState]:
     """Every job slurmctld knows now (one call however many runs are tracked)."""
+    return parse_squeue(_run(["squeue", "-h", "-a", "-o", SQUEUE_FORMAT]))
+
+
+def sacct_states(job_ids: list[str]) -> dict[str, StepState]:
+    if not job_ids:
+        return {}
+    return parse_sacct(_run(["sacct", "-X", "-D", "-n", "-P", "-o", SACCT_FIELDS, "-j", ",".join(job_ids)]))
+
+
+def _state_word(state: str) -> tuple[str, dict]:
+    """sacct's "CANCELLED by 1000" -> CANCELLED, with the uid kept aside (status says who in words)."""
+    word, _, rest = state.partition(" by ")
+    return word.strip(), ({"cancelled_by_uid": rest.strip()} if rest.strip() else {})
+
+
+def _time(text: str) -> str:
+    seconds = duration_seconds(text)
+    return squeue_time(seconds) if seconds is not None else text
+
+
+def parse_squeue(text: str) -> dict[str, StepState]:
+    """squeue -h -o '%i|%T|%r|%D|%N|%M|%l' -> job id -> state (the live reason, the nodes of a running job)."""
     states = {}
-    for line in _run(["squeue", "-h", "-a", "-o", SQUEUE_FORMAT]).splitlines():
+    for line in text.splitlines():
         fields = line.split("|")
         if len(fields) != 7:
             continue
         job_id, state, reason, nodes, nodelist, elapsed, _limit = fields
-        states[job_id] = StepState(state, reason="" if reason == "None" else reason, elapsed=elapsed,
-                                   nodes=int(nodes) if nodes.isdigit() else None, nodelist=nodelist)
+        word, extra = _state_word(state)
+        states[job_id] = StepState(word, reason="" if reason == "None" else reason, elapsed=_time(elapsed),
+                                   nodes=int(nodes) if nodes.isdigit() else None, nodelist=nodelist, extra=extra)
     return states
 
 
-def sacct_states(job_ids: list[str]) -> dict[str, StepState]:
-    """sacct -D lists every requeued run of a job: the last row is the current one, the others restarts."""
-    if not job_ids:
-        return {}
-    out = _run(["sacct", "-X", "-D", "-n", "-P", "-o", SACCT_FIELDS, "-j", ",".join(job_ids)])
+def parse_sacct(text: str) -> dict[str, StepState]:
+    """sacct -X -D -P -o JobID,State,ExitCode,Elapsed,NNodes,NodeList,Reason -> job id -> state. -D lists every
+    requeued run of a job: the last row is the current one, the others restarts. sacct keeps the Reason a job
+    last waited for ("Dependency") after it ran: where() shows the node list for such a job, not the reason."""
     states: dict[str, StepState] = {}
-    for line in out.splitlines():
+    for line in text.splitlines():
         fields = line.split("|")
         if len(fields) != 7:
             continue
@@ -228,10 +262,11 @@ def sacct_states(job_ids: list[str]) -> dict[str, StepState]:
         if not re.fullmatch(r"\d+", job_id):
             continue
         restarts = states[job_id].restarts + 1 if job_id in states else 0
-        states[job_id] = StepState(state, reason="" if reason == "None" else reason, elapsed=elapsed,
+        word, extra = _state_word(state)
+        states[job_id] = StepState(word, reason="" if reason == "None" else reason, elapsed=_time(elapsed),
                                    nodes=int(nodes) if nodes.isdigit() else None,
                                    nodelist="" if nodelist == "None assigned" else nodelist,
-                                   exit_code=exit_code, restarts=restarts)
+                                   exit_code=exit_code, restarts=restarts, extra=extra)
     return states
 
 

@@ -1,4 +1,4 @@
-"""The absolute paths a run's files point at (profile paths are relative to where sftjobs is run)."""
+"""The absolute paths a run's files point at (relative profile paths resolve against the run store)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from sftjobs.profile import Profile
 
 
 def absolute(path: str, base: Path) -> str:
-    """Profile paths are relative to where sftjobs is run; rendered files carry absolute ones."""
+    """Relative profile paths resolve against base (the run store); rendered files carry absolute ones."""
     return os.path.normpath(os.path.join(str(base), os.path.expanduser(path)))
 
 

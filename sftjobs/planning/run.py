@@ -26,7 +26,8 @@ class PlannedRun:
     memory: dict[str, Any] | None  # the memory plan (plan.json, manifest), None when the profile asks for none
 
 
-def plan_run(profile: Profile, plan: Plan, run_dir: Path, run_id: str, base: Path | None = None) -> PlannedRun:
-    paths = RunPaths(profile, run_dir, base or Path.cwd(), run_id)
+def plan_run(profile: Profile, plan: Plan, run_dir: Path, run_id: str, base: Path) -> PlannedRun:
+    """base: what relative profile paths resolve against (the run store, sftjobs.runs.store_dir())."""
+    paths = RunPaths(profile, run_dir, base, run_id)
     memory = plan_memory(profile, paths.model_dir)
     return PlannedRun(profile, apply_plan(profile, memory), plan, paths, run_id, memory)
