@@ -110,11 +110,15 @@ def not_utf8_advice(path: str | os.PathLike, found: tuple[str, str | None], what
 
 @contextmanager
 def exclusive_lock(path: str | os.PathLike, blocking: bool = True) -> Iterator[int | None]:
-    """Hold an exclusive flock on ``path`` (created if missing) for the with-block; the kernel releases it when the
-    holder exits or dies, so a crash leaves no stale lock. Non-blocking: yields None when someone else holds it."""
+    """Hold an exclusive flock on ``path`` (a file, created if missing, or an existing directory) for the with-block;
+    the kernel releases it when the holder exits or dies, so a crash leaves no stale lock. Non-blocking: yields
+    None when someone else holds it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    if path.is_dir():
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))

@@ -97,7 +97,9 @@ def submit(p: Prepared) -> dict:
     """Write the run directory and queue the chain. Submits into one run store take turns (a lock on the store):
     the check for a live run in the same output_dir and this run's queueing are one step, so two submits started
     at the same moment cannot both pass it. The train step itself also holds a lock on its output_dir."""
-    with exclusive_lock(p.run_dir.parent / ".submit.lock"):
+    store = p.run_dir.parent
+    store.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(store):  # the store's folder itself: no lock file among the runs
         return _submit_locked(p)
 
 
