@@ -33,6 +33,7 @@ import difflib
 import json
 import math
 import os
+import platform
 import re
 import shutil
 import struct
