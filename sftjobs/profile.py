@@ -131,8 +131,10 @@ SCHEMA: dict[str, Key] = {
     "resources.max_gpus_per_node": Key(int, 8, _at_least(1), "GPUs one node of the cluster has"),
     "resources.gpu_memory_gib": Key((int, float), 80, lambda v: None if v > 0 else "must be > 0",
                                     "memory of one GPU, for deepspeed: auto"),
-    "resources.cpus_per_task": Key(int, 8, _at_least(1)),
-    "resources.mem": Key(OPT_STR, "64G", _mem),
+    "resources.cpus_per_task": Key((int, type(None)), 8, _at_least(1),
+                                   "CPUs of a GPU step; null: Slurm's default (a whole-node step gets every CPU)"),
+    "resources.mem": Key(OPT_STR, "64G", _mem, "memory per node of a GPU step; null: Slurm's default (a whole-node "
+                         "step, gpus_per_node = max_gpus_per_node, gets --mem=0: all of the node's memory)"),
     "resources.time": Key((str, int, type(None)), "24:00:00", _time),
     "resources.sbatch_extra": Key(list, [], _sbatch_flags),
     "resources.signal_delay_s": Key(int, 120, _at_least(0), "USR2 this many seconds before the time limit (requeue)"),

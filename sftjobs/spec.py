@@ -59,7 +59,7 @@ class ResourcesSpec:
     gpus_per_node: int
     max_gpus_per_node: int
     gpu_memory_gib: float
-    cpus_per_task: int
+    cpus_per_task: int | None
     mem: str | None
     time: str | int | None
     sbatch_extra: tuple[str, ...]

@@ -47,6 +47,7 @@ class Prepared:
     executor: Executor
     executor_name: str
     why: str
+    refused: str | None = None  # set by preview(): what submit would refuse
 
 
 def prepare(profile_ref: str, overrides: list[str], dry_run_first: bool, executor: str | None) -> Prepared:
@@ -66,6 +67,13 @@ def preview(p: Prepared) -> str:
     memory = memory_plan_of(p.files)
     if memory is not None:
         lines.append(f"# {summary_line(memory)}")
+    try:
+        checked = p.executor.check(p.plan)
+    except SftjobsError as exc:
+        p.refused = str(exc)
+        checked = f"submit would refuse this run: {exc}"
+    if checked:
+        lines.append(f"# cluster check: {checked}")
     return "\n".join(lines) + "\n" + p.executor.preview(p.plan, p.run_dir)
 
 
@@ -99,6 +107,7 @@ def submit(p: Prepared) -> dict:
         raise SftjobsError(f"run {busy[0]} is still running into {output_dir}; a second run there would clobber its "
                            f"checkpoints. Wait for it, `sftjobs cancel {busy[0]}`, or `sftjobs resume {busy[0]}` after it "
                            "stops; or set another output_dir.")
+    p.executor.check(p.plan)  # before anything is written or queued
     write_run_dir(p.files, p.run_dir)
     manifest = {
         "run_id": p.run_id, "profile": p.profile.name, "profile_source": p.profile.source,
