@@ -63,6 +63,8 @@ class ResourcesSpec:
     mem: str | None
     time: str | int | None
     sbatch_extra: tuple[str, ...]
+    mail_type: str | None
+    mail_user: str | None
     signal_delay_s: int
     max_time_requeues: int
     cpu_step_cpus: int

@@ -172,6 +172,17 @@ def test_whole_node_gpu_steps_ask_for_the_node():
     assert not toy.step("train").resources.exclusive and toy.step("train").resources.mem == "64G"
 
 
+def test_mail_fail_on_every_step_and_the_users_types_on_the_last():
+    steps = plan("toy", "resources.mail_type=END", "resources.mail_user=alice@example.org", dry_run_first=True).steps
+    assert [s.resources.mail_type for s in steps] == ["FAIL"] * 6 + ["END,FAIL"]
+    assert {s.resources.mail_user for s in steps} == {"alice@example.org"}
+    assert plan("toy", "resources.mail_type=ALL").steps[-1].resources.mail_type == "ALL"
+    only_user = plan("toy", "resources.mail_user=bob").steps
+    assert only_user[-1].resources.mail_type == "END,FAIL" and only_user[0].resources.mail_type == "FAIL"
+    assert all(s.resources.mail_type is None for s in plan("toy", "resources.mail_type=NONE").steps)
+    assert all(s.resources.mail_type is None and s.resources.mail_user is None for s in plan("toy").steps)
+
+
 def rendered(*sets, dry_run_first=False, tmp: Path) -> dict[str, str]:
     executor = SlurmExecutor(need_sbatch=False)
     executor._limits = {}  # no cluster: the time Slurm would give is not asked for here
@@ -179,11 +190,19 @@ def rendered(*sets, dry_run_first=False, tmp: Path) -> dict[str, str]:
     return {r.step: r.text for r in requests}
 
 
-def test_rendered_sbatch_scripts_carry_the_node_flags(tmp_path):
-    text = rendered(dry_run_first=True, tmp=tmp_path)
+def test_rendered_sbatch_scripts_carry_the_node_and_mail_flags(tmp_path):
+    text = rendered("resources.mail_type=END,TIME_LIMIT_80", "resources.mail_user=alice@example.org",
+                    dry_run_first=True, tmp=tmp_path)
     train = text["train"].splitlines()
     assert "#SBATCH --exclusive" in train and "#SBATCH --mem=0" in train
     assert not any(line.startswith("#SBATCH --cpus-per-task") for line in train)
     assert "#SBATCH --cpus-per-task=4" in text["data"] and "#SBATCH --exclusive" not in text["data"]
+    for step, script in text.items():
+        lines = script.splitlines()
+        assert "#SBATCH --mail-user=alice@example.org" in lines
+        want = "END,TIME_LIMIT_80,FAIL" if step == "validate" else "FAIL"
+        assert f"#SBATCH --mail-type={want}" in lines, step
+    plain = rendered(tmp=tmp_path)
+    assert all("--mail" not in script for script in plain.values())
     sized = rendered("resources.mem=400G", "resources.cpus_per_task=32", tmp=tmp_path)["train"].splitlines()
     assert "#SBATCH --exclusive" in sized and "#SBATCH --mem=400G" in sized and "#SBATCH --cpus-per-task=32" in sized

@@ -205,3 +205,17 @@ def test_no_time_in_the_profile_means_the_partitions_own_limit(slurm, in_tmp, ca
                  "--set", "resources.mem=500M", "--set", "resources.cpu_step_mem=300M"]) == 0
     train = capsys.readouterr().out.split("# ===== step train =====")[1].split("# ===== step")[0]
     assert "#SBATCH --time=525600" in train  # an infinite partition: a year, never submitit's 5 minutes
+
+
+def test_mail_on_the_last_job_and_fail_on_every_job(slurm, in_tmp, capsys):
+    # the test cluster's MailProg is /bin/true: Slurm takes and records the request, nobody is mailed
+    manifest = submit(capsys, "toy", "--dry-run-first",
+                      sets=["resources.mail_type=END,TIME_LIMIT_80", "resources.mail_user=alice.smith+sft@example.org"])
+    jobs = manifest["jobs"]
+    for step, job_id in jobs.items():
+        job = scontrol_job(job_id)
+        assert job["MailUser"] == "alice.smith+sft@example.org", (step, job["MailUser"])
+        want = {"END", "TIME_LIMIT_80", "FAIL"} if step == "validate" else {"FAIL"}
+        assert set(job["MailType"].split(",")) == want, (step, job["MailType"])
+    final = wait_until(lambda: all_done(capsys, manifest["run_id"]), 180, 2, "the chain to finish")
+    assert set(final.values()) == {"COMPLETED"}, final

@@ -57,7 +57,7 @@ def sbatch_parameters(step: Step, parent_ids: list[str], job_name: str, implicit
         params["gpus_per_node"] = res.gpus_per_node
     if res.exclusive:
         params["exclusive"] = True
-    for key in ("partition", "account", "qos", "constraint"):
+    for key in ("partition", "account", "qos", "constraint", "mail_type", "mail_user"):
         if getattr(res, key):
             params[key] = getattr(res, key)
     params["time"] = slurm_minutes(res.time) if res.time else implicit_minutes

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from sftjobs.profile import Profile
@@ -25,6 +25,8 @@ class Resources:
     signal_delay_s: int = 120  # USR2 this long before the time limit: a training step requeues itself
     max_time_requeues: int = 10  # ... this many times at most (submitit's max_num_timeout)
     exclusive: bool = False  # the step takes every GPU of its nodes, so it asks for the whole nodes
+    mail_type: str | None = None  # sbatch --mail-type (FAIL on every step, the user's types on the last)
+    mail_user: str | None = None
 
 
 @dataclass
@@ -101,7 +103,25 @@ def build_plan(profile: Profile, dry_run_first: bool = False) -> Plan:
         Step("train", "train", [gate], train, "steps/train.sh", target="full"),
         Step("validate", "validate", ["train"], one_node, "steps/validate.sh", target="full"),
     ]
+    steps = [Step(s.name, s.kind, s.after, replace(s.resources), s.script, s.target) for s in steps]  # own copies
+    _add_mail(steps, res["mail_type"], res["mail_user"])
     return Plan(profile=profile.name, dry_run_first=dry_run_first, steps=steps)
+
+
+# Mail on failure of any step; the user's own types on the last step of the chain (the run's end).
+FAILURE_MAIL = "FAIL"
+
+
+def _add_mail(steps: list[Step], mail_type: str | None, mail_user: str | None) -> None:
+    if mail_type is None and mail_user is None:
+        return
+    types = [t for t in (mail_type or "END,FAIL").split(",") if t]
+    if types == ["NONE"]:
+        return
+    last = types if {"ALL", FAILURE_MAIL} & set(types) else types + [FAILURE_MAIL]
+    for step in steps:
+        step.resources.mail_type = ",".join(last) if step is steps[-1] else FAILURE_MAIL
+        step.resources.mail_user = mail_user
 
 
 def resource_keys(step: Step) -> dict[str, str]:
