@@ -109,6 +109,10 @@ def check_whole_node_chain(capsys, manifest):
     alloc = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "AllocTRES", "-j", jobs["train"]], capture_output=True,
                            text=True).stdout
     assert "cpu=8" in alloc and "mem=8000M" in alloc and "gres/gpu=8" in alloc, alloc
+    # ... and the step itself (srun inside the job) runs on all of it
+    run_dir = Path(os.environ["SFTJOBS_JOBS_DIR"]) / manifest["run_id"]
+    env = dict(line.split("=", 1) for line in (run_dir / "fake" / "train.0.env").read_text().splitlines())
+    assert env["SLURM_CPUS_ON_NODE"] == "8" and env["CUDA_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7", env
 
 
 def test_live_sinfo_parses_as_the_recorded_forms(slurm):
