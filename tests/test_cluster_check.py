@@ -115,7 +115,7 @@ def test_prod_as_shipped_stops_at_the_cpu_steps_memory():
 @pytest.mark.parametrize("sets,words", [
     (["resources.max_gpus_per_node=16", "resources.gpus_per_node=12"],
      ["step preflight asks for 12 GPUs on a node (resources.gpus_per_node)", "2 nodes with 8 CPUs, 8000M memory, 8 GPUs"]),
-    (["resources.mem=20G"], ["step preflight asks for 20G of memory on a node (resources.mem)", "with 1 GPUs"]),
+    (["resources.mem=20G"], ["step preflight asks for 20G of memory on a node (resources.mem)", "with 1 GPU and 2 CPUs has that"]),
     (["resources.cpus_per_task=12", "resources.mem=1G"], ["step preflight asks for 12 CPUs on a node "
                                                          "(resources.cpus_per_task)", "null takes every CPU"]),
     (["resources.cpu_step_cpus=9", "resources.cpus_per_task=9"], ["step data asks for 9 CPUs on a node "
@@ -123,7 +123,8 @@ def test_prod_as_shipped_stops_at_the_cpu_steps_memory():
     (["resources.constraint=a100"], ["step data asks for nodes with features 'a100' (resources.constraint)",
                                      "features none"]),
     (["resources.nodes=3", "resources.gpus_per_node=2", "resources.mem=1G"],
-     ["step train asks for 3 such nodes (resources.nodes)", "Lower resources.nodes to 2"]),
+     ["step train asks for 3 nodes with 2 GPUs and 2 CPUs and 1G memory (resources.nodes)",
+      "partition debug (the default; resources.partition is null) has 2 such node(s)", "Lower resources.nodes to 2"]),
     (["resources.partition=short", "resources.cpu_step_time=04:00:00"],
      ["step data asks for --time=04:00:00 (resources.cpu_step_time)", "partition short allows at most 10 minutes"]),
     (["resources.partition=short", "resources.cpu_step_time=5"],
@@ -151,6 +152,17 @@ def test_mixed_cluster_combines_requirements_on_one_node():
     with pytest.raises(SftjobsError) as exc:
         check_plan(long, c)
     assert "partition long" in str(exc.value) and "features 'a100'" in str(exc.value)
+
+
+def test_a_flag_set_in_sbatch_extra_is_left_to_sbatch():
+    c = cluster("test_cluster")
+    base = ["resources.cpus_per_task=2", "resources.cpu_step_mem=300M"]
+    with pytest.raises(SftjobsError, match=r"64G of memory on a node \(resources.mem\)"):
+        check_plan(plan("toy", *base), c)
+    # --mem=0 in sbatch_extra wins in the script (submitit writes it after resources.mem): nothing to refuse
+    assert "partition debug" in check_plan(plan("toy", *base, 'resources.sbatch_extra=["--mem=0"]'), c)
+    assert "not checked" in check_plan(plan("toy", "resources.mem=500M", *base, "resources.partition=nosuch",
+                                            'resources.sbatch_extra=["--partition=debug"]'), c)
 
 
 def test_whole_node_gpu_steps_ask_for_the_node():

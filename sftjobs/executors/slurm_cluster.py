@@ -35,7 +35,11 @@ class Node:
 
     def describe(self) -> str:
         feats = ",".join(sorted(self.features)) or "none"
-        return f"{self.cpus} CPUs, {self.mem_mb}M memory, {self.gpus} GPUs, features {feats}"
+        return f"{_count(self.cpus, 'CPU')}, {self.mem_mb}M memory, {_count(self.gpus, 'GPU')}, features {feats}"
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" + ("" if n == 1 else "s")
 
 
 @dataclass(frozen=True)
@@ -185,9 +189,17 @@ def _summary(nodes: list[Node]) -> str:
     return "; ".join(f"{count} node{'s' if count > 1 else ''} with {what}" for what, count in kinds.most_common())
 
 
+def _extra_flags(step: Step) -> set[str]:
+    """Flags resources.sbatch_extra sets itself (they win in the script): those requests are sbatch's to judge."""
+    return {flag.lstrip("-").partition("=")[0] for flag in step.resources.sbatch_extra}
+
+
 def check_step(step: Step, cluster: Cluster) -> str | None:
     """The first request of this step no node of its partition can satisfy, as a message; None if it fits."""
     res, keys = step.resources, resource_keys(step)
+    extra = _extra_flags(step)
+    if "partition" in extra:
+        return None
     name = cluster.partition(res.partition)
     if name is None:
         return None  # no default partition known: sbatch decides
@@ -195,7 +207,7 @@ def check_step(step: Step, cluster: Cluster) -> str | None:
         return (f"step {step.name}: resources.partition {name!r} is not a partition of this cluster (it has "
                 f"{', '.join(cluster.partition_names()) or 'none'}). Set resources.partition to one of them.")
     limits = cluster.limits.get(name)
-    if res.time and limits is not None and limits.max_minutes is not None and slurm_minutes(res.time) > limits.max_minutes:
+    if res.time and "time" not in extra and limits is not None and limits.max_minutes is not None and slurm_minutes(res.time) > limits.max_minutes:
         key = f" ({keys['time']})" if keys["time"] else ""
         fix = (f"Lower {keys['time']}, or choose another resources.partition." if keys["time"] else
                "It always asks for an hour: choose a resources.partition whose MaxTime is at least 1 hour.")
@@ -210,28 +222,28 @@ def check_step(step: Step, cluster: Cluster) -> str | None:
         also = f" with {' and '.join(wants)}" if wants else ""
         return (f"step {step.name} asks for {what} ({key}), but no node of {where}{also} has that: {has}. {fix}")
 
-    if res.constraint:
+    if res.constraint and "constraint" not in extra:
         match = [n for n in fitting if constraint_matches(res.constraint, n.features) is not False]
         if not match:
             return refuse(f"nodes with features {res.constraint!r}", "resources.constraint",
                           "Change or remove resources.constraint, or choose another resources.partition.")
         fitting, wants = match, wants + [f"features {res.constraint}"]
-    if res.gpus_per_node:
+    if res.gpus_per_node and not extra & {"gpus-per-node", "gres", "gpus", "gpus-per-task"}:
         match = [n for n in fitting if n.gpus >= res.gpus_per_node]
         if not match:
-            return refuse(f"{res.gpus_per_node} GPUs on a node", "resources.gpus_per_node",
+            return refuse(f"{_count(res.gpus_per_node, 'GPU')} on a node", "resources.gpus_per_node",
                           "Lower resources.gpus_per_node (and max_gpus_per_node to what a node has), use more "
                           "resources.nodes, or choose another resources.partition.")
-        fitting, wants = match, wants + [f"{res.gpus_per_node} GPUs"]
-    if res.cpus_per_task:
+        fitting, wants = match, wants + [_count(res.gpus_per_node, "GPU")]
+    if res.cpus_per_task and "cpus-per-task" not in extra:
         match = [n for n in fitting if n.cpus >= res.cpus_per_task]
         if not match:
-            return refuse(f"{res.cpus_per_task} CPUs on a node", keys["cpus"],
+            return refuse(f"{_count(res.cpus_per_task, 'CPU')} on a node", keys["cpus"],
                           f"Lower {keys['cpus']}" + (" (null takes every CPU of a whole-node step)"
                                                      if keys["cpus"] == "resources.cpus_per_task" else "")
                           + ", or choose another resources.partition.")
-        fitting, wants = match, wants + [f"{res.cpus_per_task} CPUs"]
-    if res.mem and mem_mb(res.mem) > 0:
+        fitting, wants = match, wants + [_count(res.cpus_per_task, "CPU")]
+    if res.mem and mem_mb(res.mem) > 0 and not extra & {"mem", "mem-per-cpu", "mem-per-gpu"}:
         match = [n for n in fitting if n.mem_mb >= mem_mb(res.mem)]
         if not match:
             return refuse(f"{res.mem} of memory on a node", keys["mem"],
@@ -239,9 +251,11 @@ def check_step(step: Step, cluster: Cluster) -> str | None:
                                                     if keys["mem"] == "resources.mem" else "")
                           + ", or choose another resources.partition.")
         fitting, wants = match, wants + [f"{res.mem} memory"]
-    if len(fitting) < res.nodes:
-        return refuse(f"{res.nodes} such nodes", "resources.nodes",
-                      f"Lower resources.nodes to {len(fitting)} or fewer, or choose another resources.partition.")
+    if len(fitting) < res.nodes and "nodes" not in extra:
+        such = f" with {' and '.join(wants)}" if wants else ""
+        return (f"step {step.name} asks for {res.nodes} nodes{such} (resources.nodes), but {where} has "
+                f"{len(fitting)} such node(s): {has}. Lower resources.nodes to {len(fitting)} or fewer, or choose "
+                "another resources.partition.")
     return None
 
 
@@ -251,6 +265,8 @@ def check_plan(plan: Plan, cluster: Cluster) -> str:
         problem = check_step(step, cluster)
         if problem:
             raise SftjobsError(problem + " Nothing was queued.")
-    used = sorted({p for p in (cluster.partition(s.resources.partition) for s in plan.steps) if p})
-    return "every step fits a node of " + "; ".join(
-        f"partition {p} ({_summary(cluster.nodes_in(p))})" for p in used) if used else "no partition known: not checked"
+    used = sorted({p for p in (cluster.partition(s.resources.partition) for s in plan.steps
+                               if "partition" not in _extra_flags(s)) if p})
+    if not used:
+        return "not checked: no default partition known, or resources.sbatch_extra sets --partition (sbatch judges)"
+    return "every step fits a node of " + "; ".join(f"partition {p} ({_summary(cluster.nodes_in(p))})" for p in used)
