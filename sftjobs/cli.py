@@ -69,6 +69,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     prepared = submitting.prepare(args.profile, args.overrides, args.dry_run_first, args.executor)
     if args.preview:
         sys.stdout.write(submitting.preview(prepared))
+        if prepared.refused:
+            raise SftjobsError(prepared.refused)
         return 0
     print(f"executor: {prepared.executor_name} ({prepared.why})", flush=True)
     manifest = submitting.submit(prepared)

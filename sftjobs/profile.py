@@ -88,6 +88,33 @@ def _shell_lines(v: Any) -> str | None:
     return None
 
 
+# sbatch --mail-type's values (Slurm 22.05 man page); a comma list of them
+MAIL_TYPES = ("NONE", "BEGIN", "END", "FAIL", "REQUEUE", "ALL", "INVALID_DEPEND", "STAGE_OUT", "TIME_LIMIT",
+              "TIME_LIMIT_90", "TIME_LIMIT_80", "TIME_LIMIT_50", "ARRAY_TASKS")
+# A user name or a mail address: nothing a shell, sbatch's #SBATCH reader or a mail program would read otherwise.
+_MAIL_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*(@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*)?")
+
+
+def _mail_type(v: Any) -> str | None:
+    if v is None:
+        return None
+    types = str(v).split(",")
+    bad = [t for t in types if t not in MAIL_TYPES]
+    if bad:
+        return (f"must be a comma list of Slurm's --mail-type values ({', '.join(MAIL_TYPES)}); "
+                f"{bad[0]!r} is not one")
+    if "NONE" in types and len(types) > 1:
+        return "NONE turns mail off: it cannot be combined with other types"
+    return None
+
+
+def _mail_user(v: Any) -> str | None:
+    if v is None or (len(v) <= 254 and _MAIL_USER.fullmatch(v)):
+        return None
+    return ("must be a user name or one mail address (letters, digits, . _ + - and one @domain; no spaces, quotes, "
+            "shell characters or control characters)")
+
+
 def _fraction(v: Any) -> str | None:
     return None if 0.0 <= v <= 1.0 else "must be between 0 and 1"
 
@@ -131,13 +158,18 @@ SCHEMA: dict[str, Key] = {
     "resources.max_gpus_per_node": Key(int, 8, _at_least(1), "GPUs one node of the cluster has"),
     "resources.gpu_memory_gib": Key((int, float), 80, lambda v: None if v > 0 else "must be > 0",
                                     "memory of one GPU, for deepspeed: auto"),
-    "resources.cpus_per_task": Key(int, 8, _at_least(1)),
-    "resources.mem": Key(OPT_STR, "64G", _mem),
+    "resources.cpus_per_task": Key((int, type(None)), 8, _at_least(1),
+                                   "CPUs of a GPU step; null: Slurm's default (a whole-node step gets every CPU)"),
+    "resources.mem": Key(OPT_STR, "64G", _mem, "memory per node of a GPU step; null: Slurm's default (a whole-node "
+                         "step, gpus_per_node = max_gpus_per_node, gets --mem=0: all of the node's memory)"),
     "resources.time": Key((str, int, type(None)), "24:00:00", _time),
     "resources.sbatch_extra": Key(list, [], _sbatch_flags),
     "resources.signal_delay_s": Key(int, 120, _at_least(0), "USR2 this many seconds before the time limit (requeue)"),
     "resources.max_time_requeues": Key(int, 10, _at_least(0), "times a training step may reach its time limit and "
                                        "requeue itself (resuming from its checkpoint) before it fails"),
+    "resources.mail_type": Key(OPT_STR, None, _mail_type, "sbatch --mail-type of the chain's last step (END,FAIL "
+                               "when only mail_user is set); every other step mails on FAIL"),
+    "resources.mail_user": Key(OPT_STR, None, _mail_user, "sbatch --mail-user (default: Slurm mails the submitter)"),
     "resources.cpu_step_cpus": Key(int, 4, _at_least(1), "CPUs for the data and model steps"),
     "resources.cpu_step_mem": Key(OPT_STR, "16G", _mem),
     "resources.cpu_step_time": Key((str, int, type(None)), "04:00:00", _time),

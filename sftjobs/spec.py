@@ -59,10 +59,12 @@ class ResourcesSpec:
     gpus_per_node: int
     max_gpus_per_node: int
     gpu_memory_gib: float
-    cpus_per_task: int
+    cpus_per_task: int | None
     mem: str | None
     time: str | int | None
     sbatch_extra: tuple[str, ...]
+    mail_type: str | None
+    mail_user: str | None
     signal_delay_s: int
     max_time_requeues: int
     cpu_step_cpus: int

@@ -48,6 +48,7 @@ class Prepared:
     executor: Executor
     executor_name: str
     why: str
+    refused: str | None = None  # set by preview(): what submit would refuse
 
 
 def prepare(profile_ref: str, overrides: list[str], dry_run_first: bool, executor: str | None) -> Prepared:
@@ -67,6 +68,13 @@ def preview(p: Prepared) -> str:
     memory = memory_plan_of(p.files)
     if memory is not None:
         lines.append(f"# {summary_line(memory)}")
+    try:
+        checked = p.executor.check(p.plan)
+    except SftjobsError as exc:
+        p.refused = str(exc)
+        checked = f"submit would refuse this run: {exc}"
+    if checked:
+        lines.append(f"# cluster check: {checked}")
     return "\n".join(lines) + "\n" + p.executor.preview(p.plan, p.run_dir)
 
 
@@ -97,6 +105,7 @@ def submit(p: Prepared) -> dict:
     """Write the run directory and queue the chain. Submits into one run store take turns (a lock on the store):
     the check for a live run in the same output_dir and this run's queueing are one step, so two submits started
     at the same moment cannot both pass it. The train step itself also holds a lock on its output_dir."""
+    p.executor.check(p.plan)  # the cluster can hold every step: before anything is written or queued
     store = p.run_dir.parent
     store.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(store):  # the store's folder itself: no lock file among the runs

@@ -199,7 +199,9 @@ def test_unwritable_run_store(in_tmp):
 
 @pytest.mark.slurm
 @pytest.mark.parametrize("key,value,words", [
-    ("resources.partition", "nosuchpartition", ["sbatch refused step data", "invalid partition"]),
+    # submit's cluster check knows the partitions before sbatch is asked (nothing is queued)
+    ("resources.partition", "nosuchpartition", ["resources.partition 'nosuchpartition' is not a partition",
+                                                "debug, short"]),
     ("resources.account", "nosuchaccount", ["sbatch refused step data", "account"]),
     ("resources.qos", "nosuchqos", ["sbatch refused step data", "qos"]),
 ])

@@ -91,6 +91,22 @@ CASES = [
      ["launcher.setup", "one shell line"]),
     ("setup-line-with-cr", 'extends: toy\nlauncher:\n  setup: ["module load x\\r"]\n', [], ["launcher.setup", "carriage return"]),
     ("setup-line-not-text", "extends: toy\nlauncher:\n  setup: [{a: b}]\n", [], ["launcher.setup", "strings"]),
+    # mail: sbatch --mail-type / --mail-user (issue 18)
+    ("mail-type-unknown", "extends: toy\nresources:\n  mail_type: END,FAILURE\n", [],
+     ["resources.mail_type", "'FAILURE' is not one", "TIME_LIMIT_80"]),
+    ("mail-type-lowercase", "extends: toy\n", ["resources.mail_type=end"], ["resources.mail_type", "'end'"]),
+    ("mail-type-none-and-end", "extends: toy\n", ["resources.mail_type=NONE,END"], ["resources.mail_type", "NONE"]),
+    ("mail-type-list", "extends: toy\nresources:\n  mail_type: [END]\n", [], ["resources.mail_type", "a string"]),
+    ("mail-type-trailing-newline", 'extends: toy\nresources:\n  mail_type: "END\\n"\n', [],
+     ["resources.mail_type"]),
+    ("mail-user-shell", "extends: toy\n", ["resources.mail_user=a@b.org;touch PWNED"], ["resources.mail_user",
+                                                                                       "shell characters"]),
+    ("mail-user-subst", "extends: toy\n", ["resources.mail_user=$(id)@b.org"], ["resources.mail_user"]),
+    ("mail-user-space", "extends: toy\n", ["resources.mail_user=alice smith@b.org"], ["resources.mail_user"]),
+    ("mail-user-newline", 'extends: toy\nresources:\n  mail_user: "a@b.org\\nBcc: x@y.z"\n', [],
+     ["resources.mail_user", "control characters"]),
+    ("mail-user-two-at", "extends: toy\n", ["resources.mail_user=a@b@c.org"], ["resources.mail_user"]),
+    ("mail-user-empty", "extends: toy\n", ["resources.mail_user="], ["resources.mail_user"]),
 ]
 
 

@@ -86,6 +86,11 @@ class Executor(abc.ABC):
         Every path is safe for the local backends; Slurm's overrides this (sbatch mangles some characters)."""
         return None
 
+    def check(self, plan: Plan) -> str:
+        """Refuse (SftjobsError) a plan no node of the cluster can run, before anything is queued; else a line
+        saying what was checked ("" where there is nothing to check against: the local backends)."""
+        return ""
+
     @abc.abstractmethod
     def prepare(self, plan: Plan, run_dir: Path) -> list[Request]:
         """The requests a submit would send, with placeholders for job ids not known yet."""

@@ -7,11 +7,22 @@ import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from sftjobs.errors import SftjobsError
 from sftjobs.executors.base import Executor, Request, StepState, duration_seconds, squeue_time
+from sftjobs.executors.slurm_cluster import (
+    NO_LIMIT_MINUTES,
+    SINFO_LIMITS,
+    SINFO_NODES,
+    Cluster,
+    PartitionLimits,
+    check_plan,
+    parse_partition_limits,
+    parse_sinfo_json,
+    parse_sinfo_nodes,
+    slurm_minutes,
+)
 from sftjobs.planning.dag import Plan, Step
 
 # No job names: squeue -a lists every user's jobs, and a name is free text (a "|" or a newline in someone else's
@@ -47,20 +58,6 @@ def slurm_job_name(step: str, run_id: str) -> str:
     return f"{STEP_TAGS.get(step, step[:3])}-{run_id[-4:]}:{run_id}"
 
 
-def slurm_minutes(value: str) -> int:
-    """Slurm's --time forms (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) -> whole minutes, rounded up."""
-    days, _, rest = value.rpartition("-")
-    parts = [int(p) for p in rest.split(":")]
-    if days:
-        hours, minutes, seconds = (parts + [0, 0])[:3]
-    elif len(parts) == 3:
-        hours, minutes, seconds = parts
-    else:
-        hours, (minutes, seconds) = 0, (parts + [0])[:2]
-    total = (int(days or 0) * 24 + hours) * 60 + minutes + (1 if seconds else 0)
-    return max(total, 1)
-
-
 def sbatch_parameters(step: Step, parent_ids: list[str], job_name: str, implicit_minutes: int) -> dict:
     """submitit always writes --time (its default is 5 minutes): with resources.time null we write what Slurm
     would give the job without one (the partition's DefaultTime, else MaxTime), so both agree."""
@@ -70,7 +67,9 @@ def sbatch_parameters(step: Step, parent_ids: list[str], job_name: str, implicit
     extra: dict = {}
     if res.gpus_per_node:
         params["gpus_per_node"] = res.gpus_per_node
-    for key in ("partition", "account", "qos", "constraint"):
+    if res.exclusive:
+        params["exclusive"] = True
+    for key in ("partition", "account", "qos", "constraint", "mail_type", "mail_user"):
         if getattr(res, key):
             params[key] = getattr(res, key)
     params["time"] = slurm_minutes(res.time) if res.time else implicit_minutes
@@ -97,6 +96,7 @@ class SlurmExecutor(Executor):
         # python it is given into the command line as it is, so it is quoted here (a venv path with a space).
         self.python = shlex.quote(sys.executable)
         self._limits: dict[str, PartitionLimits] | None = None
+        self._cluster: Cluster | None | bool = False  # False: not read yet
 
     def _executor(self, run_dir: Path, step: Step, parent_ids: list[str]):
         import submitit  # only submitting needs it; tracking (status, cancel) stays light
@@ -134,19 +134,21 @@ class SlurmExecutor(Executor):
             self._limits = partition_limits()
         return self._limits.get(step.resources.partition or "*default*")
 
-    def check_time_limits(self, plan: Plan) -> None:
-        """A --time over the partition's MaxTime would sit PENDING (PartitionTimeLimit) forever: say so now."""
-        for step in plan.steps:
-            limits = self.limits_for(step)
-            if not step.resources.time or limits is None or limits.max_minutes is None:
-                continue
-            if slurm_minutes(step.resources.time) > limits.max_minutes:
-                raise SftjobsError(f"step {step.name} asks for --time={step.resources.time} but partition {limits.name} "
-                                   f"allows at most {limits.max_minutes} minutes (MaxTime). Lower resources.time (or "
-                                   "cpu_step_time), or choose another resources.partition.")
+    def cluster(self) -> Cluster | None:
+        if self._cluster is False:
+            self._cluster = read_cluster()
+        return self._cluster  # type: ignore[return-value]
+
+    def check(self, plan: Plan) -> str:
+        """Every step against its partition's nodes and time limit, before anything is queued."""
+        cluster = self.cluster()
+        if cluster is None:
+            return "not checked: sinfo could not list the partitions' nodes (sbatch will judge each job)"
+        return check_plan(plan, cluster)
 
     def submit(self, plan: Plan, run_dir: Path) -> dict[str, str]:
-        self.check_time_limits(plan)
+        self.check_run_dir(run_dir)  # what the profile and paths decide first, then the cluster
+        self.check(plan)
         job_ids: dict[str, str] = {}
         for step in plan.steps:
             executor = self._executor(run_dir, step, [job_ids[p] for p in step.after])
@@ -270,36 +272,25 @@ def parse_sacct(text: str) -> dict[str, StepState]:
     return states
 
 
-@dataclass(frozen=True)
-class PartitionLimits:
-    name: str
-    max_minutes: int | None      # MaxTime; None = infinite
-    default_minutes: int | None  # DefaultTime; None = not set (Slurm then uses MaxTime)
-
-    def implicit_minutes(self) -> int:
-        """What Slurm gives a job without --time, in minutes (a year stands for infinite)."""
-        return self.default_minutes or self.max_minutes or NO_LIMIT_MINUTES
-
-
-NO_LIMIT_MINUTES = 365 * 24 * 60
-
-
 def partition_limits() -> dict[str, PartitionLimits]:
     """partition name -> its time limits; "*default*" is the default partition."""
     try:
-        out = _run(["sinfo", "-h", "-o", "%P|%l|%L"])
+        return parse_partition_limits(_run(SINFO_LIMITS))
     except (OSError, subprocess.SubprocessError):
         return {}  # the controller will judge; nothing to check against
-    limits: dict[str, PartitionLimits] = {}
-    for line in out.splitlines():
-        name, max_time, default_time = (line.strip().split("|") + ["", ""])[:3]
-        is_default = name.endswith("*")
-        name = name.rstrip("*")
 
-        def minutes(text: str) -> int | None:
-            return None if text in ("infinite", "n/a", "", "UNLIMITED") else slurm_minutes(text)
 
-        limits[name] = PartitionLimits(name, minutes(max_time), minutes(default_time))
-        if is_default:
-            limits["*default*"] = limits[name]
-    return limits
+def read_cluster() -> Cluster | None:
+    """The partitions' nodes and limits, from ``sinfo -N`` (``sinfo --json`` where that fails); None when
+    sinfo cannot tell (then sbatch is the only judge)."""
+    limits = partition_limits()
+    try:
+        nodes, default = parse_sinfo_nodes(_run(SINFO_NODES))
+    except (OSError, subprocess.SubprocessError, ValueError):
+        try:
+            nodes, default = parse_sinfo_json(_run(["sinfo", "--json"])), None
+        except (OSError, subprocess.SubprocessError, ValueError, KeyError):
+            return None
+    if not nodes:
+        return None
+    return Cluster(nodes, limits, default)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from sftjobs.profile import Profile
@@ -14,8 +14,8 @@ TRAIN_KINDS = ("train",)
 class Resources:
     nodes: int = 1
     gpus_per_node: int = 0
-    cpus_per_task: int = 1
-    mem: str | None = None
+    cpus_per_task: int | None = 1  # None: Slurm's default (all of the node's CPUs on an exclusive step)
+    mem: str | None = None         # None: Slurm's default; "0" on an exclusive step: all of the node's memory
     time: str | None = None
     partition: str | None = None
     account: str | None = None
@@ -24,6 +24,9 @@ class Resources:
     sbatch_extra: list[str] = field(default_factory=list)
     signal_delay_s: int = 120  # USR2 this long before the time limit: a training step requeues itself
     max_time_requeues: int = 10  # ... this many times at most (submitit's max_num_timeout)
+    exclusive: bool = False  # the step takes every GPU of its nodes, so it asks for the whole nodes
+    mail_type: str | None = None  # sbatch --mail-type (FAIL on every step, the user's types on the last)
+    mail_user: str | None = None
 
 
 @dataclass
@@ -70,14 +73,19 @@ def build_plan(profile: Profile, dry_run_first: bool = False) -> Plan:
     shared = dict(partition=res["partition"], account=res["account"], qos=res["qos"],
                   constraint=res["constraint"], sbatch_extra=list(res["sbatch_extra"]),
                   signal_delay_s=res["signal_delay_s"], max_time_requeues=res["max_time_requeues"])
-    cpu = Resources(nodes=1, gpus_per_node=0, cpus_per_task=min(res["cpu_step_cpus"], res["cpus_per_task"]),
+    cpus = res["cpus_per_task"]
+    cpu = Resources(nodes=1, gpus_per_node=0, cpus_per_task=min(res["cpu_step_cpus"], cpus or res["cpu_step_cpus"]),
                     mem=res["cpu_step_mem"], time=_time(res["cpu_step_time"]), **shared)
     gpus = res["gpus_per_node"]
-    train = Resources(nodes=res["nodes"], gpus_per_node=gpus, cpus_per_task=res["cpus_per_task"],
-                      mem=res["mem"], time=_time(res["time"]), **shared)
+    # A step that takes every GPU of a node leaves nothing on it for anyone else: it asks for the whole node
+    # (--exclusive), and where the profile sets no mem / cpus_per_task, for all of its memory (--mem=0) and CPUs.
+    whole = gpus > 0 and gpus == res["max_gpus_per_node"]
+    gpu_mem = res["mem"] if res["mem"] is not None or not whole else "0"
+    train = Resources(nodes=res["nodes"], gpus_per_node=gpus, cpus_per_task=cpus, mem=gpu_mem,
+                      time=_time(res["time"]), exclusive=whole, **shared)
     # Checks and validation need the node's GPUs (visibility, memory, inference) but one node and short.
-    one_node = Resources(nodes=1, gpus_per_node=gpus, cpus_per_task=min(res["cpus_per_task"], 16),
-                         mem=res["mem"], time="01:00:00", **shared)
+    one_node = Resources(nodes=1, gpus_per_node=gpus, cpus_per_task=None if cpus is None else min(cpus, 16),
+                         mem=gpu_mem, time="01:00:00", exclusive=whole, **shared)
 
     steps = [
         Step("data", "data", [], cpu, "steps/data.sh"),
@@ -95,7 +103,33 @@ def build_plan(profile: Profile, dry_run_first: bool = False) -> Plan:
         Step("train", "train", [gate], train, "steps/train.sh", target="full"),
         Step("validate", "validate", ["train"], one_node, "steps/validate.sh", target="full"),
     ]
+    steps = [Step(s.name, s.kind, s.after, replace(s.resources), s.script, s.target) for s in steps]  # own copies
+    _add_mail(steps, res["mail_type"], res["mail_user"])
     return Plan(profile=profile.name, dry_run_first=dry_run_first, steps=steps)
+
+
+# Mail on failure of any step; the user's own types on the last step of the chain (the run's end).
+FAILURE_MAIL = "FAIL"
+
+
+def _add_mail(steps: list[Step], mail_type: str | None, mail_user: str | None) -> None:
+    if mail_type is None and mail_user is None:
+        return
+    types = [t for t in (mail_type or "END,FAIL").split(",") if t]
+    if types == ["NONE"]:
+        return
+    last = types if {"ALL", FAILURE_MAIL} & set(types) else types + [FAILURE_MAIL]
+    for step in steps:
+        step.resources.mail_type = ",".join(last) if step is steps[-1] else FAILURE_MAIL
+        step.resources.mail_user = mail_user
+
+
+def resource_keys(step: Step) -> dict[str, str]:
+    """The profile keys behind a step's CPUs, memory and time (named in the errors the cluster check gives)."""
+    if step.kind in ("data", "model"):
+        return {"cpus": "resources.cpu_step_cpus", "mem": "resources.cpu_step_mem", "time": "resources.cpu_step_time"}
+    time = "resources.time" if step.kind == "train" else ""  # preflight and validate: a fixed hour
+    return {"cpus": "resources.cpus_per_task", "mem": "resources.mem", "time": time}
 
 
 def _time(value: str | int | None) -> str | None:
