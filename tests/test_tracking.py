@@ -235,3 +235,16 @@ def test_status_says_where_the_tracking_logs_go():
     assert "/r/tensorboard" in note and "tensorboard --logdir /r/tensorboard" in note
     note = tracking_note({"kind": "wandb", "wandb_dir": "/r", "run_ids": {"train": "x-train"}})
     assert "x-train" in note and "/r/wandb" in note
+
+
+def test_preflight_refuses_a_tracking_whose_package_the_node_lacks(monkeypatch):
+    import importlib.util
+
+    from sftjobs.errors import SftjobsError
+    from sftjobs.steps.preflight import check_tracking_packages
+
+    check_tracking_packages({"report_to": "none"})
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(SftjobsError, match=r"tracking: wandb needs the wandb package.*\.\[track\]"):
+        check_tracking_packages({"report_to": ["wandb"]})
