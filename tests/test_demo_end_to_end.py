@@ -60,10 +60,17 @@ def test_demo_chain_local(in_tmp):
 
 @pytest.mark.slurm
 def test_demo_chain_on_slurm_as_cpu_jobs(slurm, in_tmp):
-    result = run_cli("submit", "demo", "--executor", "slurm", "--wait", "--poll", "3",
-                     "--set", "resources.mem=3G", "--set", "resources.cpu_step_mem=2G", cwd=in_tmp, timeout=900)
+    """With W&B tracking, offline as the submitting shell's WANDB_MODE says: the job gets it from Slurm's
+    environment export and logs into the run directory under the run id fixed at render."""
+    pytest.importorskip("wandb")
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": ""}
+    result = run_cli("submit", "demo", "--executor", "slurm", "--wait", "--poll", "3", "--set", "tracking=wandb",
+                     "--set", "resources.mem=3G", "--set", "resources.cpu_step_mem=2G", cwd=in_tmp, env=env,
+                     timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run_dir = next(Path(os.environ["SFTJOBS_JOBS_DIR"]).iterdir())
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["executor"] == "slurm" and all(j.isdigit() for j in manifest["jobs"].values())
     check_finished_run(run_dir)
+    run_id = json.loads((run_dir / "plan.json").read_text())["tracking"]["run_ids"]["train"]
+    assert [p.name.endswith("-" + run_id) for p in (run_dir / "wandb").glob("offline-run-*")] == [True]
