@@ -22,6 +22,7 @@ from sftjobs.datasets import DATASET_NAMES
 from sftjobs.errors import SftjobsError
 from sftjobs.fsutil import SNIFF_BYTES, not_utf8_advice, sniff_not_utf8
 from sftjobs.planning.batch import global_size_problem
+from sftjobs.planning.tracking import TRACKING_CHOICES
 from sftjobs.resources import shipped_dir
 from sftjobs.spec import ProfileSpec, spec_of
 
@@ -126,6 +127,10 @@ SCHEMA: dict[str, Key] = {
     "output_dir": Key(str, None, help="checkpoints; {run_id} in it gives every run its own folder"),
     "deepspeed": Key(str, "none", _choice(DEEPSPEED_CHOICES),
                      "ZeRO stage; auto: the fastest stage and recompute setting that fit (sftjobs/planning/memory.py)"),
+    "tracking": Key(str, "none", _choice(TRACKING_CHOICES),
+                    "experiment tracking of the training steps: tensorboard (logs in the run directory's "
+                    "tensorboard/) or wandb (mode, project and key from the job's environment; one W&B run per "
+                    "training step, continued by every requeue and resume)"),
     "model.source": Key(str, "hub", _choice(SOURCE_CHOICES)),
     "model.hub_id": Key(OPT_STR, None),
     "model.revision": Key(OPT_STR, None),
@@ -214,6 +219,8 @@ MANAGED_TRAIN_KEYS = {
     "dataset_dir": "data.dir",
     "dataset": "data.dataset",
     "overwrite_output_dir": "nothing: sftjobs never overwrites a run's output_dir, so restarts resume",
+    "report_to": "tracking (top level: none, tensorboard or wandb)",
+    "logging_dir": "tracking: tensorboard (the logs go to the run directory's tensorboard/)",
 }
 # Passed-through LLaMA-Factory keys whose values sftjobs checks itself because a bad one wastes a GPU job.
 _TRAIN_CHECKS: dict[str, tuple[type | tuple[type, ...], Callable[[Any], str | None]]] = {

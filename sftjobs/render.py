@@ -20,6 +20,7 @@ from sftjobs.fsutil import atomic_write_text
 from sftjobs.planning.batch import dry_run_steps
 from sftjobs.planning.paths import RunPaths
 from sftjobs.planning.run import PlannedRun
+from sftjobs.planning.tracking import step_tracking, tracking_record
 from sftjobs.profile import Profile
 from sftjobs.templating import render_template
 
@@ -29,8 +30,11 @@ EXECUTABLE = 0o755
 REGULAR = 0o644
 
 
-def training_config(profile: Profile, paths: RunPaths, target: str) -> dict[str, Any]:
+def training_config(profile: Profile, paths: RunPaths, target: str, run_id: str | None = None) -> dict[str, Any]:
     """The LLaMA-Factory keys of the full run or the dry run, in render order.
+
+    report_to follows the profile's ``tracking``; with tracking on, the run is named after the run id (the
+    profile's train.run_name wins) so TensorBoard and W&B show which run and which step it is.
 
     Both tokenize into the run's tokenized_path: the dry run tokenizes the full data set once (so a bad
     row or a slow tokenizer shows up before the long run) and trains dry_run.max_samples samples by
@@ -45,6 +49,10 @@ def training_config(profile: Profile, paths: RunPaths, target: str) -> dict[str,
         train["save_steps"] = steps  # one checkpoint, so the dry run proves saving and loading work
         train["logging_steps"] = min(train.get("logging_steps", 10), max(1, steps // 10))
         output_dir = paths.dry_run_output_dir
+    tracking = profile.spec.tracking
+    train["report_to"] = tracking
+    if tracking != "none" and run_id is not None:
+        train.setdefault("run_name", run_id if target == "full" else f"{run_id}-dry-run")
     return {
         "model_dir": paths.model_dir,
         "train": train,
@@ -79,7 +87,7 @@ def render_files(run: PlannedRun) -> dict[str, str]:
     typed = effective.spec
     files: dict[str, str] = {}
     for target, name in (("full", "llamafactory/train.yaml"), ("dry_run", "llamafactory/dry_run.yaml")):
-        config = training_config(effective, paths, target)
+        config = training_config(effective, paths, target, run_id)
         text = render_template("llamafactory.yaml.j2", profile_name=profile.name, target=target, **config)
         _check_training_yaml(name, text, config)
         files[name] = text
@@ -91,17 +99,20 @@ def render_files(run: PlannedRun) -> dict[str, str]:
     files["dataset/dataset_info.json"] = dataset_info(typed.data.shape, paths.data_dir)
     force_torchrun = typed.deepspeed != "none" or typed.resources.world_size > 1
     python = typed.launcher.python or sys.executable
+    tracking = tracking_record(typed.tracking, paths.run_dir, run_id, [s.name for s in plan.steps if s.kind == "train"])
     for step in plan.steps:
         files[step.script] = render_template(
             "step.sh.j2", step=step, run_id=run_id, run_dir=paths.run_dir, setup=list(typed.launcher.setup),
             python=python, datasets_cache=paths.datasets_cache, force_torchrun=force_torchrun,
-            master_port_base=typed.launcher.master_port_base)
+            master_port_base=typed.launcher.master_port_base, tracking=step_tracking(tracking, step.name))
     files["profile.yaml"] = yaml.safe_dump(
         {"name": profile.name, "source": profile.source, "chain": profile.chain, "overrides": profile.overrides,
          "config_hash": profile.config_hash(), "values": profile.values}, sort_keys=False)
     record = {"run_id": run_id, "config_hash": profile.config_hash(), "paths": paths.to_dict(), **plan.to_dict()}
     if memory is not None:
         record["memory_plan"] = memory
+    if tracking is not None:
+        record["tracking"] = tracking
     files["plan.json"] = json.dumps(record, indent=2) + "\n"
     return files
 

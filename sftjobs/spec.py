@@ -99,6 +99,7 @@ class ProfileSpec:
     description: str
     output_dir: str
     deepspeed: str
+    tracking: str                 # none | tensorboard | wandb (sftjobs.planning.tracking)
     model: ModelSpec
     data: DataSpec
     dry_run: DryRunSpec
@@ -122,4 +123,4 @@ def spec_of(values: dict[str, Any]) -> ProfileSpec:
     """The typed view of validated profile values (KeyError: a schema key without its field, a bug)."""
     sections = {name: _section(cls, values[name]) for name, cls in SECTIONS.items()}
     return ProfileSpec(description=values["description"], output_dir=values["output_dir"],
-                       deepspeed=values["deepspeed"], train=dict(values["train"]), **sections)
+                       deepspeed=values["deepspeed"], tracking=values["tracking"], train=dict(values["train"]), **sections)

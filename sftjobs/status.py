@@ -245,6 +245,8 @@ def run_rows_and_notes(run_dir: Path, manifest: dict[str, Any],
         notes.append(f"run {manifest['run_id']}: {broken}")
     troubles = {s.reason for s in states.values() if "unreachable" in s.reason or "unavailable" in s.reason}
     notes += [f"run {manifest['run_id']}: {t}; its states come from the steps' own records." for t in sorted(troubles)]
+    if (note := tracking_note(plan_data.get("tracking"))) is not None:
+        notes.append(f"run {manifest['run_id']}: {note}")
     rows = []
     for step in plan_data["steps"]:
         name = step["name"]
@@ -258,6 +260,19 @@ def run_rows_and_notes(run_dir: Path, manifest: dict[str, Any],
         rows.append(row)
     finished = bool(states) and all(s.state.split()[0] in TERMINAL for s in states.values())
     return rows, notes, finished
+
+
+def tracking_note(tracking: dict[str, Any] | None) -> str | None:
+    """Where a run's experiment tracking logs (plan.json's ``tracking``, written at render)."""
+    if not tracking:
+        return None
+    if tracking["kind"] == "tensorboard":
+        where = tracking["tensorboard_dir"]
+        steps = ", ".join(sorted(tracking["logdirs"]))
+        return f"TensorBoard logs in {where} (one folder per training step: {steps}); `tensorboard --logdir {where}`"
+    runs = ", ".join(f"{step} {run_id}" for step, run_id in sorted(tracking["run_ids"].items()))
+    return (f"W&B runs {runs} (mode and project from the job's environment; files under {tracking['wandb_dir']}/wandb "
+            "unless WANDB_DIR was set); offline runs upload with `wandb sync`")
 
 
 def format_table(rows: list[StepRow]) -> str:

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[train,test]'
+.venv/bin/python -m pip install -q -e '.[train,test,track]'
 if [ "$(id -u)" = 0 ]; then
   bash tests/slurm/start-slurm.sh
   export SFTJOBS_REQUIRE_SLURM=1   # a cluster that did not come up fails the Slurm tests instead of skipping them

@@ -422,12 +422,30 @@ def _training_targets(ctx) -> list[str]:
     return targets
 
 
+TRACKING_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def check_tracking_packages(cfg: dict[str, Any]) -> None:
+    """report_to (the profile's tracking) needs its package on the node, or the trainer fails after loading."""
+    import importlib.util
+
+    wanted = cfg.get("report_to") or []
+    for name in [wanted] if isinstance(wanted, str) else wanted:
+        package = TRACKING_PACKAGES.get(name)
+        if package and importlib.util.find_spec(package) is None:
+            raise SftjobsError(f"tracking: {name} needs the {package} package, which this node's python lacks: "
+                               f"pip install '.[track]' (or {package}) into the nodes' environment, or set "
+                               "tracking: none")
+
+
 def check_training_configs(ctx, hidden_size: int | None) -> dict[str, Any]:
     problems, checked = [], {}
     for target in _training_targets(ctx):
         path = ctx.training_config_path(target)
         try:
-            check_training_yaml(ctx.training_config(target))
+            cfg = ctx.training_config(target)
+            check_training_yaml(cfg)
+            check_tracking_packages(cfg)
             checked[str(path)] = "accepted"
         except SftjobsError as exc:
             checked[str(path)] = str(exc)
