@@ -30,14 +30,11 @@ from typing import Any
 from sftjobs.trainer.attention import split as split_attention
 
 NAME = "sftjobs_per_sample_sdpa"
-USE_VARLEN = True  # the benchmark harness turns it off to time the per-sample SDPA loop (BENCH_ATTN_LOOP=1)
 SHORT_SAMPLE = 2048  # runs of consecutive samples shorter than this go through one varlen call (row_pieces)
 CUDNN_BUCKET = 0  # > 0: single samples through cuDNN's attention, padded to a multiple of this (causal_sdpa)
 CUDNN_MAX_LEN = 16384  # the longest sample warm_cudnn builds cuDNN graphs for (cutoff_len)
 LOG = None  # where warm_cudnn reports how long the graphs took (lf_train's log)
 SPLIT = "split"  # row_pieces' mark for the half of a sample split over a GPU pair (split_attention)
-PIECEWISE_BACKWARD = True  # under autograd, one node whose backward fills each sample's slice (_piecewise); the
-# benchmark harness turns it off (BENCH_SLICE_BACKWARD=1) to time q/k/v sliced under autograd (sessions 1-6)
 
 
 @functools.lru_cache(maxsize=1)
@@ -90,12 +87,12 @@ def per_sample_sdpa(module, query, key, value, attention_mask, scaling=None, dro
         return out.transpose(1, 2).contiguous(), None
     bounds = sample_bounds(kwargs.get("position_ids"), query.shape[0], query.shape[2])
     flash_ok = query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
-    varlen = varlen_causal() if USE_VARLEN and flash_ok else None
+    varlen = varlen_causal() if flash_ok else None
     split = split_attention.CURRENT  # this rank's half of a sample split over a GPU pair: row 0 starts with it
     split_end = split_attention.half_length(split.length, split.half) if split is not None else 0
     plan = row_pieces(bounds, query.device, varlen is not None, split_end)
     call = functools.partial(attend_piece, scaling=scaling, split=split, varlen=varlen)
-    if PIECEWISE_BACKWARD and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
         return _piecewise().apply(query, key, value, plan, call), None
     rows = []
     for b, pieces in enumerate(plan):
@@ -124,7 +121,7 @@ def _piecewise():
 
     Slicing q/k/v under autograd instead costs, in the backward, a zero-filled full-size gradient per slice and a
     sum of them: on 4x H100, ~16 SliceBackward nodes per layer and their kernels were a large part of prod's
-    backward CPU time (bench/README.md, session 7). The kernels that attend are the same, so are the results."""
+    backward CPU time (bench/README.md). The kernels that attend are the same, so are the results."""
     import torch
 
     class PiecewiseAttention(torch.autograd.Function):
@@ -264,7 +261,7 @@ def row_pieces(bounds: list[list[int]], device, varlen: bool, split_end: int = 0
     Short means under SHORT_SAMPLE tokens, in runs of two or more: torch's varlen kernel (flash) saves the
     per-call cost of many short samples. A long sample gets its own call, which can run cuDNN's kernel
     (CUDNN_BUCKET): on an H100 that took 6.1 ms per layer for a 14980-token sample, against 10.8 on flash
-    (bench/README.md, session 6). One call has no per-call cost to save.
+    (bench/README.md). One call has no per-call cost to save.
     """
     import torch
 
