@@ -81,7 +81,7 @@ def mean_tokens(workdir: str) -> float | None:
     try:
         from datasets import load_from_disk
 
-        path = os.path.join(workdir, "tok_nopack")
+        path = os.path.join(workdir, "tok_prod")
         if not os.path.isdir(path):  # the chain's dry run tokenized the same data unpacked
             path = (glob.glob(os.path.join(workdir, "jobs", "*", "tokenized")) or [path])[0]
         ds = load_from_disk(path)
@@ -340,7 +340,7 @@ def main() -> None:
             prow.append(f"| {n} | {rank} | {p['gpu_span']} | {g('forward')} | {g('backward')} | {g('step')} | "
                         f"{p.get('forward_calls', '-')}/{p.get('backward_calls', '-')}/{p.get('step_calls', '-')} |")
     md = (f"card: {card}; bf16 peak {peak} TFLOP/s; N = {n_params}; mean tokens/sample {mean_tok}\n\n" + "\n".join(rows)
-          + f"\n\nspeedup (P/A, else S/A) = {res['speedup']}\n")
+          + f"\n\nspeedup (P/A) = {res['speedup']}\n")
     if len(prow) > 2:
         md += ("\nPer optimizer step, mean ms over the measured steps (bench/step_timer.py's phases: DeepSpeed forward, backward, "
                "step; CPU = Python time in the call, GPU = CUDA events around it):\n\n" + "\n".join(prow) + "\n")
