@@ -12,7 +12,7 @@
 3. Peak memory of forward+backward at L = 14980 (the longest sample) without gradient checkpointing, minus
    the bf16 weights + grads: what activations need when recompute is off.
 4. Attention of one 15000-token pack holding 4 samples: 4D block-diagonal mask SDPA (what LLaMA-Factory's
-   neat_packing does without flash-attn) vs causal flash SDPA per sample (bench/lf_bench.py BENCH_SEGMENT_ATTN).
+   neat_packing does without flash-attn) vs causal flash SDPA per sample (speed.per_sample_attention).
 """
 
 from __future__ import annotations

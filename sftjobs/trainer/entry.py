@@ -397,7 +397,7 @@ def install_unpadded_single_rows() -> None:
     LLaMA-Factory's collator pads every batch to a multiple of 8 (for shift-short attention, which sftjobs does
     not use). With bs 1 that adds up to 7 pad tokens to the row, so transformers can no longer drop the mask:
     it builds an L x L boolean mask, and SDPA then runs its memory-efficient kernel over the whole square
-    instead of the causal flash kernel (bench/README.md: attention was ~24% of a prod step on H200). The pad
+    instead of the causal flash kernel (bench/results: attention was ~24% of a prod step on H200). The pad
     tokens carry no labels and no real token attends to them (causal, right padding), so the loss and the
     gradients are those of the padded row.
     """
