@@ -12,7 +12,7 @@
 3. Peak memory of forward+backward at L = 14980 (the longest sample) without gradient checkpointing, minus
    the bf16 weights + grads: what activations need when recompute is off.
 4. Attention of one 15000-token pack holding 4 samples: 4D block-diagonal mask SDPA (what LLaMA-Factory's
-   neat_packing does without flash-attn) vs causal flash SDPA per sample (bench/lf_bench.py BENCH_SEGMENT_ATTN).
+   neat_packing does without flash-attn) vs causal flash SDPA per sample (speed.per_sample_attention).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def sdpa_op() -> str:
 def attn_kernels(out: str) -> None:
     """sftjobs' per-sample attention (the function the trainer calls) on packs of the 3B attention shape, fwd+bwd of
     one layer: as sftjobs runs it, with every run through torch's flash varlen kernel, and causal SDPA once per
-    sample (USE_VARLEN off); SDPA as torch picks it here (cuDNN first on an H100 unless
+    sample (no varlen kernel); SDPA as torch picks it here (cuDNN first on an H100 unless
     TORCH_CUDNN_SDPA_DEPRIORITIZED=1), as training runs it (flash: sftjobs_flash), and cuDNN with lengths padded
     to a bucket (sftjobs_cudnnN: per_sample_attention.CUDNN_BUCKET)."""
     from sftjobs.trainer.attention import per_sample as psa
@@ -86,16 +86,16 @@ def attn_kernels(out: str) -> None:
         v = torch.randn(1, Hkv, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         row = {}
         pos = torch.cat([torch.arange(n, device="cuda") for n in lens])[None]  # one forward's: boundaries cached
-        short = psa.SHORT_SAMPLE
+        short, kernel = psa.SHORT_SAMPLE, psa.varlen_causal
         # sftjobs: runs of short samples in varlen calls, SDPA for the rest; runs_all: every run of >= 2 samples in
         # a varlen call whatever their length; loop: SDPA per sample
         for label, varlen, threshold in (("sftjobs", True, short), ("runs_all", True, 10**9), ("loop", False, short)):
             def call(varlen=varlen, threshold=threshold, q=q, k=k, v=v, pos=pos):
-                psa.USE_VARLEN, psa.SHORT_SAMPLE = varlen, threshold
+                psa.varlen_causal, psa.SHORT_SAMPLE = (kernel if varlen else lambda: None), threshold
                 o, _ = psa.per_sample_sdpa(None, q, k, v, None, scaling=D ** -0.5, position_ids=pos)
                 o.sum().backward()
             row[label] = round(1000 * timed(call, n=10, warm=3), 3)
-        psa.USE_VARLEN, psa.SHORT_SAMPLE = True, short
+        psa.varlen_causal, psa.SHORT_SAMPLE = kernel, short
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         def call_flash(q=q, k=k, v=v, pos=pos):  # what training runs with SDPA off cuDNN (launcher.setup)

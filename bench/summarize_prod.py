@@ -2,7 +2,7 @@
 
     python bench/summarize_prod.py WORKDIR OUT.json OUT.md [WARM]
 
-Per training item (WORKDIR/out_<name>/timing_rank*.json from bench/lf_bench.py):
+Per training item (WORKDIR/out_<name>/timing_rank*.json from bench/step_timer.py):
   tok/s/GPU  = non-padding input tokens of all ranks over the measured steps (after WARM warm-up steps) / wall
                time / GPUs;  MFU = 6 * N * tok/s/GPU / (bf16 matmul peak measured in the same call), N = the
                model's parameter count (tied embeddings counted once); no attention FLOPs, no recompute.
@@ -11,7 +11,7 @@ Per training item (WORKDIR/out_<name>/timing_rank*.json from bench/lf_bench.py):
                x 8 GPUs), assuming the per-GPU rate seen here holds on 8 GPUs (not measured).
 For the chain's dry run (sftjobs' own train step, no harness): tok/s/GPU from LLaMA-Factory's trainer_log.jsonl
 (total_tokens / throughput gives the time of each logged step), peak memory from sftjobs' monitor samples.
-speedup = P (sftjobs' prod as it stands) tok/s/GPU / A tok/s/GPU; S / A where P was not run.
+speedup = P (sftjobs' prod as it stands) tok/s/GPU / A tok/s/GPU. Items are described and ordered by bench/items.txt.
 """
 
 from __future__ import annotations
@@ -26,72 +26,26 @@ import sys
 
 HOURS_SAMPLES, EPOCHS, PROJ_GPUS = 54000, 3, 8
 
-DESCRIPTIONS = {
-    "A": "the plan's prod config: `sftjobs render prod` of configs/prod.yaml as it stands (ZeRO-3 + CPU offload of "
-         "params and optimizer, bs 1 x ga 2, no packing, attention auto -> SDPA, gradient checkpointing)",
-    "P": "sftjobs' prod as configs/prod.yaml stands (deepspeed auto for the card's memory, balanced ranks with each "
-         "GPU's samples of a step packed into sample-isolated rows: causal SDPA per sample, runs of short samples in "
-         "one flash varlen call; idle micro-steps skipped, a step's longest sample split over a GPU pair where it "
-         "costs more than a GPU's share; Liger, SDPA off cuDNN), with batch.global_size = 2 x GPUs so each GPU "
-         "does what it does in an 8-GPU prod step",
-    "P_nodsfused": "P without DeepSpeed (bench/experiments/nodsfused.sets: deepspeed none, so plain torch with "
-                   "LLaMA-Factory's fp32 trainable params under bf16 autocast, DDP on several GPUs; torch's fused "
-                   "AdamW; no recompute, as P): issue 20's first candidate for prod's CPU-launch-bound step",
-    "Pnoskip": "P with packing only: no idle micro-steps skipped, no samples split (session 4's P)",
-    "Pskip": "Pnoskip with speed.skip_idle_micro_steps: the micro-step of a step that is empty on every GPU (one per "
-             "step at 2 samples per GPU) runs no forward or backward instead of a one-token row",
-    "Psplit": "Pskip with speed.split_long_samples: where a step's longest sample costs more than a GPU's share, it "
-              "is split over a GPU pair (half each, keys and values gathered over the pair in every attention layer)",
-    "Pcudnn": "P with each packed sample that gets its own SDPA call run through cuDNN's attention, padded at its "
-              "end to a multiple of 256 tokens (speed.cudnn_attention_bucket)",
-    "Pflce": "P with only Liger's fused linear cross-entropy; RMSNorm, RoPE and SwiGLU as transformers has them "
-             "(fewer Triton launches, less CPU per step)",
-    "Pslice": "P with per-sample attention's q/k/v sliced under autograd (sessions 1-6): each slice's backward is a "
-              "zero-filled full-size gradient, summed; P runs them as one node whose backward fills each slice",
-    "fastslice": "fast with per-sample attention's q/k/v sliced under autograd (sessions 1-6)",
-    "P_noovf": "P with DeepSpeed's bf16 check_grad_overflow off (no per-gradient inf/nan scan before the step)",
-    "Ploop": "P with every sample through causal SDPA (no varlen calls; session 3's kernel)",
-    "Pb": "P with balanced ranks but one sample per micro-step (no packing of a GPU's samples): session 2's P",
-    "Ppad": "Pb with LLaMA-Factory's padding of every batch to a multiple of 8 (what P had before sftjobs' training "
-            "entry stopped padding one-row batches): transformers then passes an L x L mask and SDPA runs its "
-            "memory-efficient kernel instead of causal flash",
-    "S": "session 1's proposal: sftjobs' prod with the proposed change (bench/prod_proposal.sets) rendered by `sftjobs render prod`; "
-         "same samples per optimizer step as A (bs 1 x ga 2 per GPU), no packing",
-    "fast": "`sftjobs render fast` as configs/fast.yaml stands: neat_packing (sample-isolated packs of <= 15000 "
-            "tokens), Liger, per-sample attention with its single samples on cuDNN padded to 256 tokens "
-            "(speed.cudnn_attention_bucket, from session 6 on), deepspeed auto (recompute only where memory needs "
-            "it), 1 pack per GPU per step",
-    "fastflce": "fast with only Liger's fused linear cross-entropy (RMSNorm, RoPE, SwiGLU as transformers has them)",
-    "fastflash": "fast with its single samples on SDPA's flash kernel (sessions 3-5's fast)",
-    "fastloop": "fast with every packed sample through causal SDPA, no varlen calls (session 3's fast)",
-    "fastcudnn": "fast with each packed sample that gets its own SDPA call run through cuDNN's attention, padded at "
-                 "its end to a multiple of 256 tokens (one cuDNN graph per padded length; per_sample_attention.CUDNN_BUCKET)",
-    "fastmask": "fast on ZeRO-2 with recompute and LLaMA-Factory's SDPA 4D block-diagonal mask (no flash-attn here)",
-    "fastseg": "fast on ZeRO-2 with recompute (sessions 1-3): per-sample causal SDPA (flash kernel) instead of the 4D "
-               "mask, what a varlen attention kernel gives",
-    "fastnr": "fastseg without gradient checkpointing (train.disable_gradient_checkpointing=true)",
-    "SB": "S + sftjobs' speed.balance_ranks: each optimizer step's samples (the same ones) spread over the GPUs by "
-          "length; ZeRO-2 reduces every micro-step, so micro-step m gets the m-th longest block",
-    "S1B": "SB on ZeRO-1 (gradients reduced once per optimizer step); ranks balanced by their token totals",
-}
+ITEMS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "items.txt")
 
 
-def experiment_description(name: str) -> str:
+def read_items(path: str = ITEMS_FILE) -> dict[str, dict[str, str]]:
+    """bench/items.txt: NAME -> its fields (where, profile, steps, limit_s, overrides, what), in the file's order."""
+    items: dict[str, dict[str, str]] = {}
+    with open(path) as f:
+        for line in f:
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            name, *fields = [x.strip() for x in line.rstrip("\n").split(" | ")]
+            items[name] = dict(zip(("where", "profile", "steps", "limit_s", "overrides", "what"), fields, strict=True))
+    return items
+
+
+def description(name: str, items: dict[str, dict[str, str]]) -> str:
     base, _, rep = name.rpartition("_r")
-    if base and rep.isdigit():
-        return f"{DESCRIPTIONS.get(base) or experiment_description(base)} (repeat #{rep} in the same call)"
-    if name.startswith("fast_"):
-        return f"fast with bench/experiments/{name[5:]}.ds.json merged into its DeepSpeed config"
-    if name.startswith("S_"):
-        return f"S + bench/experiments/{name[2:]}.sets"
-    if name.startswith("P_"):  # PX:NAME (a DeepSpeed patch) or PS:NAME (--set lines, harness environment)
-        here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments", name[2:])
-        parts = [f"the --set lines of bench/experiments/{name[2:]}.sets" if os.path.exists(here + ".sets") else "",
-                 f"bench/experiments/{name[2:]}.env" if os.path.exists(here + ".env") else "",
-                 f"bench/experiments/{name[2:]}.ds.json merged into its DeepSpeed config"
-                 if os.path.exists(here + ".ds.json") or not os.path.exists(here + ".sets") else ""]
-        return "P with " + " and ".join(x for x in parts if x)
-    return name
+    if base and rep.isdigit() and name not in items:
+        return f"{description(base, items)} (repeat #{rep} in the same call)"
+    return items[name]["what"] if name in items else name
 
 
 def n_params_of(model_dir: str) -> int:
@@ -127,7 +81,7 @@ def mean_tokens(workdir: str) -> float | None:
     try:
         from datasets import load_from_disk
 
-        path = os.path.join(workdir, "tok_nopack")
+        path = os.path.join(workdir, "tok_prod")
         if not os.path.isdir(path):  # the chain's dry run tokenized the same data unpacked
             path = (glob.glob(os.path.join(workdir, "jobs", "*", "tokenized")) or [path])[0]
         ds = load_from_disk(path)
@@ -157,7 +111,7 @@ def read_yaml(path: str) -> dict:
 
 
 def phase_means(recs: list[dict], files: list[str], keep: list[int]) -> dict | None:
-    """lf_bench's per-step phases (DeepSpeed forward / backward / step; CPU and GPU ms), mean over the measured
+    """bench/step_timer.py's per-step phases (DeepSpeed forward / backward / step; CPU and GPU ms), mean over the measured
     steps: rank 0's, and the slowest rank's GPU span."""
     out: dict = {}
     for f, r in zip(files, recs, strict=True):
@@ -180,7 +134,7 @@ def harness_item(workdir: str, name: str, warm: int, n_params: int, peak: float,
     od = os.path.join(workdir, f"out_{name}")
     if not os.path.isdir(od):
         return None
-    d: dict = {"description": DESCRIPTIONS.get(name, experiment_description(name))}
+    d: dict = {"description": description(name, read_items())}
     cfg = read_yaml(os.path.join(od, "train.yaml"))
     ds = {}
     try:
@@ -332,7 +286,7 @@ def main() -> None:
         pass
     ngpu = len(gpus) or 1
     names = [os.path.basename(p)[4:] for p in sorted(glob.glob(os.path.join(workdir, "out_*")))]
-    known = ("A", "P", "Pslice", "Pnoskip", "Pskip", "Psplit", "Pcudnn", "Pflce", "Ploop", "Pb", "Ppad", "S", "SB", "S1B", "fast", "fastslice", "fastflash", "fastflce", "fastloop", "fastcudnn", "fastmask", "fastseg", "fastnr")
+    known = list(read_items())
     order = [n for n in known if n in names] + [n for n in names if n not in known]
     configs = {n: harness_item(workdir, n, warm, n_params, peak, mean_tok) for n in order}
     chain = chain_item(workdir, n_params, peak, mean_tok, ngpu)
@@ -352,17 +306,11 @@ def main() -> None:
         "projection": f"{HOURS_SAMPLES} samples x {EPOCHS} epochs x mean tokens/sample / (tok_s_gpu x {PROJ_GPUS} GPUs); "
                       "assumes the per-GPU rate measured here holds on 8 GPUs (not measured)",
         "warmup_steps": warm,
-        "nccl": load("nccl.json"),
-        "probe_1gpu": load("probe.json"),
-        "attn_kernels": load("attn.json"),
-        "gpu_tests": open(os.path.join(workdir, "gputest.txt")).read().strip().split("\n")[-1]
-        if os.path.exists(os.path.join(workdir, "gputest.txt")) else None,
         "skipped": open(os.path.join(workdir, "skipped.txt")).read().split("\n") if os.path.exists(os.path.join(workdir, "skipped.txt")) else [],
         "configs": configs,
     }
     a = (configs.get("A") or {}).get("tok_s_gpu")
-    s = ((configs.get("P") or {}).get("tok_s_gpu") or (configs.get("S") or {}).get("tok_s_gpu")
-         or (chain or {}).get("tok_s_gpu"))
+    s = (configs.get("P") or {}).get("tok_s_gpu") or (chain or {}).get("tok_s_gpu")
     res["speedup"] = round(s / a, 2) if a and s else None
     for c in configs.values():
         if c and a and c.get("tok_s_gpu"):
@@ -392,9 +340,9 @@ def main() -> None:
             prow.append(f"| {n} | {rank} | {p['gpu_span']} | {g('forward')} | {g('backward')} | {g('step')} | "
                         f"{p.get('forward_calls', '-')}/{p.get('backward_calls', '-')}/{p.get('step_calls', '-')} |")
     md = (f"card: {card}; bf16 peak {peak} TFLOP/s; N = {n_params}; mean tokens/sample {mean_tok}\n\n" + "\n".join(rows)
-          + f"\n\nspeedup (P/A, else S/A) = {res['speedup']}\n")
+          + f"\n\nspeedup (P/A) = {res['speedup']}\n")
     if len(prow) > 2:
-        md += ("\nPer optimizer step, mean ms over the measured steps (lf_bench's phases: DeepSpeed forward, backward, "
+        md += ("\nPer optimizer step, mean ms over the measured steps (bench/step_timer.py's phases: DeepSpeed forward, backward, "
                "step; CPU = Python time in the call, GPU = CUDA events around it):\n\n" + "\n".join(prow) + "\n")
     open(out_md, "w").write(md)
     print(md)

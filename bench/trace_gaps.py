@@ -4,7 +4,7 @@
 
 Busy time is the union of all kernels, copies and memsets on the GPU (every stream). A gap is a stretch with none.
 Each gap is put down to the launch that ended it (the CUDA runtime call correlated with the next kernel): the
-phase it was launched in (lf_bench's bench::forward / backward / step annotations), and the innermost operator
+phase it was launched in (bench/step_timer.py's bench::forward / backward / step annotations), and the innermost operator
 around that launch. A gap that a synchronising call (cudaStreamSynchronize, cudaDeviceSynchronize, a blocking
 copy) ran into is marked "after sync": the CPU waited for the GPU to drain, and the GPU then waited for the CPU.
 """

@@ -282,3 +282,27 @@ def test_one_row_batches_reach_sdpa_without_a_mask(lf_setup):
         assert two["input_ids"].shape[1] == 16
     finally:
         SFTDataCollatorWith4DAttentionMask.__call__ = original
+
+
+def test_the_benchmark_times_the_entry_through_its_callback_hook(lf_setup):
+    """bench/bench_prod.sh runs this entry with `--callback bench.step_timer:callbacks`: one record per optimizer
+    step, with the tokens so far, what bench/summarize_prod.py reads (its phases need CUDA events: empty here)."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = lf_setup / "timer"
+    out.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "WANDB_DISABLED": "true",
+           "BENCH_OUT": str(out), "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "sftjobs.trainer.entry", "--callback", "bench.step_timer:callbacks",
+                           str(lf_setup / "train.yaml"), f"output_dir={lf_setup / 'timed'}",
+                           "include_num_input_tokens_seen=non_padding"],
+                          capture_output=True, text=True, env=env, cwd=lf_setup, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "callback bench.step_timer:callbacks: StepTimer" in proc.stderr
+    rec = json.loads((out / "timing_rank0.json").read_text())
+    assert rec["steps"] == [1, 2, 3, 4, 5, 6] and rec["world_size"] == 1
+    assert all(b > a for a, b in zip(rec["t"], rec["t"][1:], strict=False))
+    assert 0 < rec["tokens"][0] < rec["tokens"][-1] <= rec["all_tokens"][-1]
+    assert len(rec["phases"]) == 6
+    assert len(logged(lf_setup, "timed", "loss")) == 6

@@ -86,7 +86,7 @@ def test_parameter_count_matches_transformers():
 
 GiB = 2**30
 SHAPE_3B = mp.shape_from_table("qwen2.5-3b")
-# Measured with the Qwen2.5-3B shape, bf16, on H100/H200 (bench/README.md): torch's peak allocated GiB.
+# Measured with the Qwen2.5-3B shape, bf16, on H100/H200 (bench/results): torch's peak allocated GiB.
 # The estimate must be within 15% of each.
 CALIBRATION = [
     # plain PyTorch probe, Liger, one sample, no recompute: activations only

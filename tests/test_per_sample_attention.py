@@ -114,13 +114,26 @@ def packed_rows(rows, seed=0):
     return q, k, v, pos
 
 
+def sliced_under_autograd(q, k, v, pos):
+    """The reference: per_sample_sdpa's calls on q/k/v slices taken under autograd (each slice's backward a
+    zero-filled full-size gradient, summed), as it ran before the piecewise backward."""
+    import functools
+
+    plan = psa.row_pieces(psa.sample_bounds(pos, q.shape[0], q.shape[2]), q.device, False, 0)
+    call = functools.partial(psa.attend_piece, scaling=None, split=None, varlen=None)
+    rows = [torch.cat([call(*(t[b:b + 1, :, p[0]:p[1]] for t in (q, k, v)), p) for p in pieces], dim=1)
+            for b, pieces in enumerate(plan)]
+    return torch.cat(rows, dim=0).contiguous()
+
+
 def attend_rows(rows, piecewise, monkeypatch, wrap=None):
-    """per_sample_sdpa's output and q/k/v gradients, with the piecewise backward on or off."""
-    monkeypatch.setattr(psa, "PIECEWISE_BACKWARD", piecewise)
+    """per_sample_sdpa's output and q/k/v gradients (piecewise), or the sliced reference's."""
     q, k, v, pos = packed_rows(rows)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]  # the [1, L, H, D] memory layout kept
 
     def attention(q, k, v):
+        if not piecewise:
+            return sliced_under_autograd(q, k, v, pos)
         return psa.per_sample_sdpa(None, q, k, v, None, position_ids=pos)[0]
 
     out = (wrap or (lambda f, *a: f(*a)))(attention, *leaves)
@@ -139,7 +152,6 @@ def test_the_piecewise_backward_gives_what_slicing_under_autograd_gives(rows, mo
 
 def test_the_piecewise_backward_leaves_other_samples_gradients_alone(monkeypatch):
     """A loss on the first sample's outputs alone: no gradient on the other samples' q/k/v."""
-    monkeypatch.setattr(psa, "PIECEWISE_BACKWARD", True)
     q, k, v, pos = packed_rows([[13, 5, 30]])
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     out = psa.per_sample_sdpa(None, *leaves, None, position_ids=pos)[0]
@@ -164,7 +176,6 @@ def test_the_piecewise_backward_under_gradient_checkpointing(reentrant, monkeypa
 
 
 def test_without_autograd_the_attention_is_not_wrapped(monkeypatch):
-    monkeypatch.setattr(psa, "PIECEWISE_BACKWARD", True)
     q, k, v, pos = packed_rows([[13, 5, 30]])
     with torch.no_grad():
         out = psa.per_sample_sdpa(None, q, k, v, None, position_ids=pos)[0]

@@ -39,11 +39,13 @@ def run(lengths_per_row, varlen: bool, seed: int = 0):
     q, k, v = rand(SHAPE["heads"]), rand(SHAPE["kv_heads"]), rand(SHAPE["kv_heads"])
     position_ids = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths_per_row]).cuda()
     weights = torch.randn(batch, length, SHAPE["heads"], SHAPE["dim"], device="cuda", generator=gen)
-    psa.USE_VARLEN = varlen
+    kernel = psa.varlen_causal
+    if not varlen:  # the reference: every sample through its own SDPA call, as where torch has no varlen kernel
+        psa.varlen_causal = lambda: None
     try:
         out, _ = psa.per_sample_sdpa(None, q, k, v, None, scaling=SHAPE["dim"] ** -0.5, position_ids=position_ids)
     finally:
-        psa.USE_VARLEN = True
+        psa.varlen_causal = kernel
     (out.float() * weights).sum().backward()
     return out.float(), q.grad.float(), k.grad.float(), v.grad.float()
 
@@ -119,11 +121,13 @@ def test_a_packed_qwen2_forward_backward_is_the_same_through_both_kernels():
 
     def loss_and_grads(varlen: bool):
         model.zero_grad()
-        psa.USE_VARLEN = varlen
+        kernel = psa.varlen_causal
+        if not varlen:
+            psa.varlen_causal = lambda: None
         try:
             loss = model(input_ids=ids, position_ids=position_ids.clone(), labels=labels).loss
         finally:
-            psa.USE_VARLEN = True
+            psa.varlen_causal = kernel
         loss.backward()
         return loss.item(), torch.cat([p.grad.float().flatten() for p in model.parameters()])
 

@@ -64,6 +64,10 @@ def test_training_command_single_process_and_torchrun():
     cudnn = training_command(Path("/r/t.yaml"), None, {"per_sample_attention": True, "cudnn_attention_bucket": 256},
                              env={})
     assert cudnn[1:6] == ["-m", "sftjobs.trainer.entry", "--per-sample-attention", "--cudnn-attention-bucket", "256"]
+    timed = training_command(Path("/r/t.yaml"), None, {"balance_ranks": True}, env={},
+                             callbacks=("bench.step_timer:callbacks",))
+    assert timed[1:] == ["-m", "sftjobs.trainer.entry", "--balance-ranks", "--callback", "bench.step_timer:callbacks",
+                         "/r/t.yaml"]
     # more than one process per node means torchrun even without FORCE_TORCHRUN, as llamafactory-cli decides
     assert "torch.distributed.run" in training_command(Path("/r/t.yaml"), None, env={"NPROC_PER_NODE": "2"})
 
@@ -90,3 +94,22 @@ def test_time_limit_requeues_follow_the_profile(tmp_path, in_tmp):
         backend = SlurmExecutor(need_sbatch=False)
         backend._limits = {}  # no partition limits to ask slurmctld for
         assert backend._executor(tmp_path, train, []).max_num_timeout == expected
+
+
+def test_the_entry_takes_callback_factories_by_module_and_function(tmp_path, monkeypatch):
+    """--callback MODULE:FUNCTION (the benchmark's hook): a callback or a list of them, in the order given."""
+    import pytest
+
+    from sftjobs.trainer.entry import load_callbacks, parse_args
+
+    (tmp_path / "timer_factories.py").write_text("class Timer:\n    pass\n"
+                                                 "def one():\n    return Timer()\n"
+                                                 "def two():\n    return [Timer(), Timer()]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    opts = parse_args(["--callback", "timer_factories:one", "--callback", "timer_factories:two", "t.yaml", "a=1"])
+    assert opts.callback == ["timer_factories:one", "timer_factories:two"] and opts.overrides == ["a=1"]
+    made = load_callbacks(opts.callback)
+    assert [type(c).__name__ for c in made] == ["Timer"] * 3
+    assert parse_args(["t.yaml"]).callback == [] and load_callbacks([]) == []
+    with pytest.raises(SystemExit, match="MODULE:FUNCTION"):
+        load_callbacks(["timer_factories"])

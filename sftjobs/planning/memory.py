@@ -7,7 +7,7 @@ from the GPU count. The result is a plain dict that goes into plan.json and the 
 
 Pure python: no torch or deepspeed import, so the submit host needs neither. The numbers are bf16 mixed
 precision with DeepSpeed, calibrated against measurements of the Qwen2.5-3B shape on H100/H200
-(bench/README.md; tests/test_memory_plan.py holds the calibration points).
+(bench/results; tests/test_memory_plan.py holds the calibration points).
 """
 
 from __future__ import annotations

@@ -98,8 +98,11 @@ def save_log_path(run_dir: Path, step: str) -> Path:
 
 def training_command(config: Path, resume: Path | None, speed: dict | None = None, memory_log: Path | None = None,
                      env: dict[str, str] | None = None, python: str | None = None,
-                     stop_marker: Path | None = None, save_log: Path | None = None) -> list[str]:
-    """The command the train step runs on each node (as a list: nothing goes through a shell)."""
+                     stop_marker: Path | None = None, save_log: Path | None = None,
+                     callbacks: tuple[str, ...] = ()) -> list[str]:
+    """The command the train step runs on each node (as a list: nothing goes through a shell). ``callbacks``
+    (MODULE:FUNCTION factories of extra TrainerCallbacks) is for the benchmark, which runs this same command
+    with its step timer (bench/train_command.py); the train step passes none."""
     env = os.environ if env is None else env
     python = python or sys.executable
     speed = speed or {}
@@ -122,6 +125,8 @@ def training_command(config: Path, resume: Path | None, speed: dict | None = Non
         entry += ["--stop-marker", str(stop_marker)]
     if save_log is not None:
         entry += ["--save-log", str(save_log)]
+    for factory in callbacks:
+        entry += ["--callback", factory]
     entry.append(str(config))
     if resume is not None:
         # LLaMA-Factory reads key=value arguments as YAML (OmegaConf.from_cli): a path holding " #", ": " or a

@@ -4,7 +4,7 @@ runs) with sftjobs' in-process additions.
     python -m sftjobs.trainer.entry [--balance-ranks | --pack-rank-samples [--skip-idle-micro-steps]
                                      [--split-long-samples]] [--per-sample-attention]
                                      [--cudnn-attention-bucket N] [--memory-log PREFIX]
-                                     CFG.yaml [key=value ...]
+                                     [--callback MODULE:FUNCTION ...] CFG.yaml [key=value ...]
 
 The train step starts it under torchrun on each node (as ``FORCE_TORCHRUN=1 llamafactory-cli train`` would);
 the YAML and key=value overrides are read by LLaMA-Factory's own parser, unchanged.
@@ -25,6 +25,11 @@ the YAML and key=value overrides are read by LLaMA-Factory's own parser, unchang
   --memory-log PREFIX     every logging step, each rank appends its CUDA allocator numbers to PREFIX-rank<R>.jsonl:
                           memory allocated between steps (model states + anything that leaks), the peak allocated
                           since the last line, and what the caching allocator holds (what nvidia-smi shows)
+  --callback MODULE:FUNCTION  a hook for measuring the run as it is: FUNCTION of MODULE (imported from sys.path) is
+                          called with no arguments after sftjobs' patches, just before run_exp (sys.argv then holds
+                          the YAML and the overrides), and returns a transformers TrainerCallback or a list of them,
+                          passed to the trainer with sftjobs' own; repeatable. The benchmark's step timer comes in
+                          this way (bench/step_timer.py:callbacks); the train step passes none
 """
 
 from __future__ import annotations
@@ -392,7 +397,7 @@ def install_unpadded_single_rows() -> None:
     LLaMA-Factory's collator pads every batch to a multiple of 8 (for shift-short attention, which sftjobs does
     not use). With bs 1 that adds up to 7 pad tokens to the row, so transformers can no longer drop the mask:
     it builds an L x L boolean mask, and SDPA then runs its memory-efficient kernel over the whole square
-    instead of the causal flash kernel (bench/README.md: attention was ~24% of a prod step on H200). The pad
+    instead of the causal flash kernel (bench/results: attention was ~24% of a prod step on H200). The pad
     tokens carry no labels and no real token attends to them (causal, right padding), so the loss and the
     gradients are those of the padded row.
     """
@@ -473,6 +478,22 @@ def install_cudnn_attention(bucket: int, config: str, overrides: list[str]) -> N
 # ----------------------------------------------------------------------------- entry
 
 
+def load_callbacks(specs: list[str]) -> list[Any]:
+    """--callback MODULE:FUNCTION: each factory called once, its TrainerCallback (or list of them) returned."""
+    import importlib
+
+    found: list[Any] = []
+    for spec in specs:
+        module, _, function = spec.partition(":")
+        if not module or not function:
+            raise SystemExit(f"--callback {spec!r}: expected MODULE:FUNCTION (e.g. bench.step_timer:callbacks)")
+        made = getattr(importlib.import_module(module), function)()
+        made = list(made) if isinstance(made, (list, tuple)) else [made]
+        log(f"callback {spec}: {', '.join(type(c).__name__ for c in made)}")
+        found += made
+    return found
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m sftjobs.trainer.entry", description=__doc__.splitlines()[0])
     parser.add_argument("--balance-ranks", action="store_true")
@@ -485,6 +506,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--stop-marker", metavar="PATH",
                         help="save at USR2/SIGTERM, stop, and write this JSON (sftjobs.trainer.signal_save)")
     parser.add_argument("--save-log", metavar="PATH", help="append each checkpoint save's duration (JSON lines)")
+    parser.add_argument("--callback", action="append", default=[], metavar="MODULE:FUNCTION",
+                        help="a factory of extra TrainerCallbacks (the benchmark's timer); repeatable")
     parser.add_argument("config", help="LLaMA-Factory training YAML")
     parser.add_argument("overrides", nargs="*", help="key=value, as llamafactory-cli takes them")
     return parser.parse_args(argv)
@@ -530,6 +553,7 @@ def main(argv: list[str] | None = None) -> None:
     from llamafactory.train.tuner import run_exp
 
     sys.argv = [sys.argv[0], opts.config, *opts.overrides]  # LLaMA-Factory's read_args() parses sys.argv
+    callbacks += load_callbacks(opts.callback)
     run_exp(callbacks=callbacks)
 
 

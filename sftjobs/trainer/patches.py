@@ -32,7 +32,7 @@ from typing import Any
 # Versions the test tiers ran on (README, "Tested versions"). The CPU training tier (pytest -m train: real
 # LLaMA-Factory training on the CPU, every speed feature's equality test) on the pinned set (transformers 5.5.4,
 # torch 2.9.1), on transformers 5.6.0 (the set before the pin) and on 4.56.2 (tests/version_matrix.sh); the GPU tier
-# and the benchmarks (bench/README.md) on torch 2.11.0+cu130 with transformers 5.6.0.
+# and the benchmarks (bench/results) on torch 2.11.0+cu130 with transformers 5.6.0.
 LLAMAFACTORY = ("==0.9.5",)
 TRANSFORMERS = ("==4.56.2", "==5.5.4", "==5.6.0")
 ACCELERATE = ("==1.11.0",)
@@ -153,18 +153,18 @@ PATCHES: tuple[Patch, ...] = (
 @dataclass(frozen=True)
 class Feature:
     name: str
-    cost: str  # what running stock instead costs (bench/README.md)
+    cost: str  # what running stock instead costs (bench/results)
     needs: tuple[str, ...] = ()  # features that must be on too
 
 
 FEATURES: dict[str, Feature] = {f.name: f for f in (
     Feature("unpadded_single_rows", "one-row batches padded to a multiple of 8 take SDPA off its causal flash kernel "
-            "(bench/README: +26% for prod unpadded)"),
-    Feature("speed.balance_ranks", "~1.10x slower: GPUs wait for the one with the longest samples (bench/README: "
+            "(bench/results: +26% for prod unpadded)"),
+    Feature("speed.balance_ranks", "~1.10x slower: GPUs wait for the one with the longest samples (bench/results: "
             "+9.9% in one call)"),
     Feature("speed.per_sample_attention", "LLaMA-Factory's 4D block-diagonal mask instead: 26 ms vs 3 ms per layer "
             "for a 15000-token pack of 4 samples on an H100"),
-    Feature("speed.pack_rank_samples", "~1.10x slower (bench/README: +10.3% on 4x H200); balance_ranks alone "
+    Feature("speed.pack_rank_samples", "~1.10x slower (bench/results: +10.3% on 4x H200); balance_ranks alone "
             "where it is set"),
     Feature("speed.skip_idle_micro_steps", "~1.3x slower (4x H200: 13,460 vs 10,370 tok/s/GPU)",
             needs=("speed.pack_rank_samples",)),

@@ -3,7 +3,7 @@
 LLaMA-Factory's neat_packing keeps samples apart either with flash-attn's varlen kernel (position ids restart
 per sample, no mask) or, where flash-attn is missing, with a 4D block-diagonal mask that makes SDPA compute the
 whole cutoff_len^2 score matrix per layer (26 ms vs 3 ms per layer for a 15000-token pack of 4 samples on an
-H100, bench/README.md). This registers an attention function that does what the varlen kernel does: it finds
+H100, bench/results). This registers an attention function that does what the varlen kernel does: it finds
 the sample boundaries where position_ids restart and attends causally within each sample only.
 
 Each sample of SHORT_SAMPLE tokens or more gets one call of SDPA's causal kernel. On CUDA with torch >= 2.10,
@@ -30,14 +30,11 @@ from typing import Any
 from sftjobs.trainer.attention import split as split_attention
 
 NAME = "sftjobs_per_sample_sdpa"
-USE_VARLEN = True  # the benchmark harness turns it off to time the per-sample SDPA loop (BENCH_ATTN_LOOP=1)
 SHORT_SAMPLE = 2048  # runs of consecutive samples shorter than this go through one varlen call (row_pieces)
 CUDNN_BUCKET = 0  # > 0: single samples through cuDNN's attention, padded to a multiple of this (causal_sdpa)
 CUDNN_MAX_LEN = 16384  # the longest sample warm_cudnn builds cuDNN graphs for (cutoff_len)
 LOG = None  # where warm_cudnn reports how long the graphs took (lf_train's log)
 SPLIT = "split"  # row_pieces' mark for the half of a sample split over a GPU pair (split_attention)
-PIECEWISE_BACKWARD = True  # under autograd, one node whose backward fills each sample's slice (_piecewise); the
-# benchmark harness turns it off (BENCH_SLICE_BACKWARD=1) to time q/k/v sliced under autograd (sessions 1-6)
 
 
 @functools.lru_cache(maxsize=1)
@@ -90,12 +87,12 @@ def per_sample_sdpa(module, query, key, value, attention_mask, scaling=None, dro
         return out.transpose(1, 2).contiguous(), None
     bounds = sample_bounds(kwargs.get("position_ids"), query.shape[0], query.shape[2])
     flash_ok = query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
-    varlen = varlen_causal() if USE_VARLEN and flash_ok else None
+    varlen = varlen_causal() if flash_ok else None
     split = split_attention.CURRENT  # this rank's half of a sample split over a GPU pair: row 0 starts with it
     split_end = split_attention.half_length(split.length, split.half) if split is not None else 0
     plan = row_pieces(bounds, query.device, varlen is not None, split_end)
     call = functools.partial(attend_piece, scaling=scaling, split=split, varlen=varlen)
-    if PIECEWISE_BACKWARD and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
         return _piecewise().apply(query, key, value, plan, call), None
     rows = []
     for b, pieces in enumerate(plan):
@@ -124,7 +121,7 @@ def _piecewise():
 
     Slicing q/k/v under autograd instead costs, in the backward, a zero-filled full-size gradient per slice and a
     sum of them: on 4x H100, ~16 SliceBackward nodes per layer and their kernels were a large part of prod's
-    backward CPU time (bench/README.md, session 7). The kernels that attend are the same, so are the results."""
+    backward CPU time (bench/results). The kernels that attend are the same, so are the results."""
     import torch
 
     class PiecewiseAttention(torch.autograd.Function):
@@ -169,7 +166,7 @@ def causal_sdpa(q, k, v, scale):
     """One sample's causal attention, [1, H, L, D] -> [1, H, L, D]: SDPA's kernel as torch picks it or, with
     CUDNN_BUCKET on CUDA, cuDNN's attention on the sample padded at its end to a multiple of CUDNN_BUCKET.
 
-    cuDNN builds an execution graph per shape (bench/README.md: per new length, ~100 ms of CPU); padding bounds
+    cuDNN builds an execution graph per shape (bench/results: per new length, ~100 ms of CPU); padding bounds
     the shapes to cutoff_len / CUDNN_BUCKET. The padding is exact: under the causal mask a real query sees only
     keys at or before it, and the padded queries' outputs are cut off, so no gradient comes back through them."""
     import torch.nn.functional as F
@@ -264,7 +261,7 @@ def row_pieces(bounds: list[list[int]], device, varlen: bool, split_end: int = 0
     Short means under SHORT_SAMPLE tokens, in runs of two or more: torch's varlen kernel (flash) saves the
     per-call cost of many short samples. A long sample gets its own call, which can run cuDNN's kernel
     (CUDNN_BUCKET): on an H100 that took 6.1 ms per layer for a 14980-token sample, against 10.8 on flash
-    (bench/README.md, session 6). One call has no per-call cost to save.
+    (bench/results). One call has no per-call cost to save.
     """
     import torch
 

@@ -1,7 +1,7 @@
 """Causal attention of one sample split over two GPUs (speed.split_long_samples), for the packed rows of
 rank_balance.pack_chunk.
 
-With 2 samples per GPU per step, the GPU that gets a step's longest sample sets the pace (bench/README.md: the
+With 2 samples per GPU per step, the GPU that gets a step's longest sample sets the pace (bench/results: the
 slowest GPU carries 1.3x the mean at 4x2, 1.6x at 8x2, even with the best whole-sample dealing). The packer may
 instead give that sample to a pair of GPUs (ranks 2p and 2p+1), half each, in the same micro-step. The sample
 is cut into four chunks c0 c1 c2 c3; half 0 holds c0 and c3, half 1 holds c1 and c2, so both halves do the same

@@ -1,49 +1,25 @@
-"""`llamafactory-cli train CFG.yaml` (its run_exp()) plus a per-step timer: the benchmark's training harness.
+"""The benchmark's measure, installed in the production training entry as a TrainerCallback factory:
 
-    torchrun --nproc_per_node N bench/lf_bench.py CFG.yaml        (what FORCE_TORCHRUN=1 llamafactory-cli runs)
+    python -m torch.distributed.run ... -m sftjobs.trainer.entry --callback bench.step_timer:callbacks ... CFG.yaml
 
-Environment:
-  BENCH_OUT            folder for timing_rank{R}.json (per optimizer step: synchronised wall time, cumulative
-                       non-padding tokens of all ranks, all positions; peak CUDA memory of the rank)
+(bench/train_command.py writes that command from a rendered run directory: the train step's own command plus
+this hook; the run itself is the production one, switches and patches as the profile's speed section sets them.)
+
+Per optimizer step, each rank writes to BENCH_OUT/timing_rank{R}.json: the synchronised wall time, the cumulative
+non-padding tokens of all ranks (input_ids != pad_id, gathered once per step after the synchronisation, so the
+count adds no GPU->CPU copy inside a step), all positions, the rank's peak CUDA memory, and its "phases": CPU time
+and GPU time (CUDA events) in DeepSpeed's forward, backward and step (without DeepSpeed: the trainer's
+compute_loss, accelerate's backward, the optimizer's step) and the step's whole GPU span. bench/summarize_prod.py
+reads these files.
+
+Environment (the benchmark's own, read here only):
+  BENCH_OUT            folder for timing_rank{R}.json (default: the working directory)
   BENCH_EXIT_AT_END=1  leave right after the last step (skips the final multi-GB save, not part of the measure)
   BENCH_PROFILE_STEP=k torch.profiler over optimizer step k on rank 0: tables to BENCH_OUT/profile_rank0.txt, the
                        timeline to BENCH_OUT/trace_rank0.json.gz (bench/trace_gaps.py reads it); no Python stacks
                        unless BENCH_PROFILE_STACK=1 (they slow the CPU side, which is what is being measured)
-  (always)             per optimizer step, each rank's CPU time and GPU time (CUDA events) in DeepSpeed's forward,
-                       backward and step (without DeepSpeed: the trainer's compute_loss, accelerate's backward,
-                       the optimizer's step), and the step's whole GPU span: "phases" in timing_rank{R}.json
-  BENCH_TOKEN_SYNC=1   count tokens as transformers does, with a gather and a GPU->CPU copy in every micro-step
-                       (sessions 1-6); by default the count stays on the GPU until the step's end, as a run without
-                       include_num_input_tokens_seen (sftjobs' profiles) has no such synchronisation
-  BENCH_NO_CUDNN_SDPA=1 torch.backends.cuda.enable_cudnn_sdp(False) (where TORCH_CUDNN_SDPA_DEPRIORITIZED=1,
-                       the switch sftjobs' profiles use, is not known to the installed torch)
-  BENCH_SEGMENT_ATTN=1 sftjobs' speed.per_sample_attention (sftjobs/trainer/attention/per_sample.py): causal SDPA
-                       per packed sample instead of LLaMA-Factory's 4D block-diagonal mask
-  BENCH_UNPAD=1        what sftjobs' training entry always does: a one-row batch is not padded to a multiple of
-                       8, so transformers passes no mask and SDPA keeps its causal flash kernel
-  BENCH_BALANCE=1      sftjobs' speed.balance_ranks (sftjobs/trainer/sampler.py): each optimizer step's samples
-                       spread over the GPUs by length
-  BENCH_PACK=1         sftjobs' speed.pack_rank_samples: balanced ranks, each GPU's samples of a step packed into
-                       sample-isolated rows (per-sample attention)
-  BENCH_SKIP_IDLE=1    with BENCH_PACK: sftjobs' speed.skip_idle_micro_steps (micro-steps empty on every GPU run
-                       no forward or backward)
-  BENCH_SPLIT=1        with BENCH_PACK: sftjobs' speed.split_long_samples (a step's longest sample split over a
-                       GPU pair where it costs more than a GPU's share)
-  BENCH_CUDNN_ATTN=N   sftjobs' speed.cudnn_attention_bucket (lf_train.install_cudnn_attention): per-sample
-                       attention's single samples through cuDNN's attention, padded to a multiple of N
-  BENCH_LIGER_KEEP=a,b  only these of Liger's Qwen2 kernels (rope, rms_norm, swiglu, cross_entropy,
-                       fused_linear_cross_entropy); the rest stay transformers' own (Liger's Triton launches cost
-                       ~100-270 us of CPU per call: session 3's P profile)
-  BENCH_GC=freeze     gc.freeze() at the start of training (objects made while loading never scanned again);
-  BENCH_GC=N          also Python's automatic collection off, gc.collect() every N optimizer steps instead (as
-                       Megatron's manual GC): a collection pauses one rank, and every rank waits for it
-  BENCH_SLICE_BACKWARD=1 per-sample attention with q/k/v sliced under autograd (sessions 1-6), not as one node
-                       whose backward fills each sample's slice (per_sample_attention.PIECEWISE_BACKWARD)
-  BENCH_ATTN_LOOP=1    per-sample attention as causal SDPA once per sample, no varlen calls even for runs of
-                       short samples (sessions 1-3's kernel)
 
-Tokens are counted as input_ids != pad_id (HF's "non_padding" mode sums attention_mask, which is wrong for
-neat_packing's index mask). Derived from ../shared/reference/gpu-bench/lf_train.py.
+HF's "non_padding" mode sums attention_mask, which is wrong for packed rows' index masks: hence the own count.
 """
 
 from __future__ import annotations
@@ -57,25 +33,8 @@ import torch
 from transformers import TrainerCallback
 
 
-def _keep_liger_kernels(keep: set[str]) -> None:
-    """LLaMA-Factory imports apply_liger_kernel_to_qwen2 when it applies Liger: turn off the kernels not kept."""
-    import liger_kernel.transformers as lt
-
-    apply = lt.apply_liger_kernel_to_qwen2
-
-    def apply_kept(*args, **kwargs):
-        for name in ("rope", "rms_norm", "swiglu", "cross_entropy", "fused_linear_cross_entropy"):
-            kwargs[name] = name in keep and kwargs.get(name, name != "cross_entropy")
-        print(f"[bench] Liger kernels: {kwargs}", flush=True)
-        return apply(*args, **kwargs)
-
-    lt.apply_liger_kernel_to_qwen2 = apply_kept
-
-
 def _patch_token_count() -> None:
     import transformers.trainer as T
-
-    sync_each = os.environ.get("BENCH_TOKEN_SYNC") == "1"
 
     def _track(self, inputs):
         ids = inputs["input_ids"]
@@ -83,13 +42,9 @@ def _patch_token_count() -> None:
         pad = 0 if pad is None else pad
         t = torch.stack([(ids != pad).sum(), torch.tensor(ids.numel(), device=ids.device)]).to(
             device=self.args.device, dtype=torch.int64)
-        if not sync_each:  # kept on the GPU; StepTimer.on_step_end gathers it after its own synchronisation
-            StepTimer.pending = t if StepTimer.pending is None else StepTimer.pending + t
-            StepTimer.trainer = self
-            return
-        g = self.accelerator.gather(t.view(1, 2)).view(-1, 2).sum(0)
-        self.state.num_input_tokens_seen += int(g[0].item())
-        StepTimer.all_tokens += int(g[1].item())
+        # kept on the GPU; StepTimer.on_step_end gathers it after its own synchronisation
+        StepTimer.pending = t if StepTimer.pending is None else StepTimer.pending + t
+        StepTimer.trainer = self
 
     T.Trainer._track_num_input_tokens = _track
 
@@ -194,7 +149,6 @@ class StepTimer(TrainerCallback):
         self.rec = {"steps": [], "t": [], "tokens": [], "all_tokens": [], "t_train_begin": None, "mem_alloc_GiB": [],
                     "phases": []}
         self.begin = None
-        self.gc_every = 0
 
     @staticmethod
     def _sync():
@@ -212,17 +166,6 @@ class StepTimer(TrainerCallback):
             json.dump(rec, f)
 
     def on_train_begin(self, args, state, control, **kw):
-        mode = os.environ.get("BENCH_GC", "")
-        if mode:
-            import gc
-
-            gc.collect()
-            gc.freeze()
-            if mode.isdigit():
-                gc.disable()
-                self.gc_every = int(mode)
-            print(f"[bench] gc: frozen after loading{'; automatic collection off, every ' + mode + ' steps' if mode.isdigit() else ''}",
-                  flush=True)
         self._sync()
         self.rec["t_train_begin"] = time.perf_counter()
         if torch.cuda.is_available():
@@ -251,10 +194,6 @@ class StepTimer(TrainerCallback):
             state.num_input_tokens_seen += int(g[0])
             StepTimer.all_tokens += int(g[1])
         self.rec["phases"].append(Phases.take(self.begin))
-        if self.gc_every and state.global_step % self.gc_every == 0:
-            import gc
-
-            gc.collect()
         if self.prof is not None:
             self.prof.__exit__(None, None, None)
             wall = time.perf_counter() - self.t_prof
@@ -302,50 +241,25 @@ class StepTimer(TrainerCallback):
             os._exit(0)
 
 
-if __name__ == "__main__":
-    from llamafactory.train.tuner import run_exp
-
-    _patch_token_count()
+def uses_deepspeed(argv: list[str]) -> bool:
+    """Whether the run's YAML (argv[1], as the entry hands it to LLaMA-Factory) with its key=value overrides
+    names a DeepSpeed config."""
     import yaml
 
-    if yaml.safe_load(open(sys.argv[1])).get("deepspeed"):
+    with open(argv[1]) as f:
+        deepspeed = (yaml.safe_load(f) or {}).get("deepspeed")
+    for item in argv[2:]:
+        key, _, value = item.partition("=")
+        if key == "deepspeed":
+            deepspeed = value
+    return bool(deepspeed) and str(deepspeed).lower() not in ("none", "null")
+
+
+def callbacks():
+    """The --callback factory: the token count and the phase timers installed, the step timer returned."""
+    _patch_token_count()
+    if uses_deepspeed(sys.argv):
         Phases.install()
     else:  # deepspeed: none (plain torch; DDP on several GPUs)
         Phases.install_plain()
-    if os.environ.get("BENCH_NO_CUDNN_SDPA") == "1":  # fallback where TORCH_CUDNN_SDPA_DEPRIORITIZED is unknown
-        torch.backends.cuda.enable_cudnn_sdp(False)
-        print("[bench] cuDNN SDPA disabled in-process", flush=True)
-    if os.environ.get("BENCH_CUDNN_ATTN"):  # what lf_train's --cudnn-attention-bucket does
-        from sftjobs.trainer.entry import install_cudnn_attention
-
-        install_cudnn_attention(int(os.environ["BENCH_CUDNN_ATTN"]), sys.argv[1], sys.argv[2:])
-    if os.environ.get("BENCH_LIGER_KEEP"):
-        _keep_liger_kernels(set(os.environ["BENCH_LIGER_KEEP"].split(",")))
-    if os.environ.get("BENCH_ATTN_LOOP") == "1":
-        from sftjobs.trainer.attention import per_sample as per_sample_attention
-
-        per_sample_attention.USE_VARLEN = False
-        print("[bench] per-sample attention: SDPA loop (varlen off)", flush=True)
-    if os.environ.get("BENCH_SLICE_BACKWARD") == "1":
-        from sftjobs.trainer.attention import per_sample as per_sample_attention
-
-        per_sample_attention.PIECEWISE_BACKWARD = False
-        print("[bench] per-sample attention: q/k/v sliced under autograd", flush=True)
-    if os.environ.get("BENCH_SEGMENT_ATTN") == "1":
-        from sftjobs.trainer.attention.per_sample import install
-
-        install()
-    if os.environ.get("BENCH_UNPAD") == "1":
-        from sftjobs.trainer.entry import install_unpadded_single_rows
-
-        install_unpadded_single_rows()
-    if os.environ.get("BENCH_PACK") == "1":
-        from sftjobs.trainer.entry import install_pack_rank_samples
-
-        install_pack_rank_samples(skip_idle=os.environ.get("BENCH_SKIP_IDLE") == "1",
-                                  split=os.environ.get("BENCH_SPLIT") == "1")
-    elif os.environ.get("BENCH_BALANCE") == "1":
-        from sftjobs.trainer.entry import install_balanced_sampler
-
-        install_balanced_sampler()
-    run_exp(callbacks=[StepTimer()])
+    return StepTimer()
