@@ -90,7 +90,7 @@ def attn_kernels(out: str) -> None:
         # sftjobs: runs of short samples in varlen calls, SDPA for the rest; runs_all: every run of >= 2 samples in
         # a varlen call whatever their length; loop: SDPA per sample
         for label, varlen, threshold in (("sftjobs", True, short), ("runs_all", True, 10**9), ("loop", False, short)):
-            def call(varlen=varlen, threshold=threshold, q=q, k=k, v=v, pos=pos):
+            def call(varlen=varlen, threshold=threshold, q=q, k=k, v=v, pos=pos, kernel=kernel):
                 psa.varlen_causal, psa.SHORT_SAMPLE = (kernel if varlen else lambda: None), threshold
                 o, _ = psa.per_sample_sdpa(None, q, k, v, None, scaling=D ** -0.5, position_ids=pos)
                 o.sum().backward()

@@ -387,9 +387,18 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    import time
+
     from sftjobs import executors
+    from sftjobs.fsutil import read_json
     from sftjobs.runs import find_run, read_manifest, record_event
     from sftjobs.status import collect
+
+    def read_json_quiet(path):
+        try:
+            return read_json(path)
+        except (OSError, ValueError):
+            return {}
 
     run_dir = find_run(args.run)
     manifest = read_manifest(run_dir)
@@ -401,6 +410,25 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     executors.for_manifest(manifest).cancel(run_dir, [r.job_id for r in live])
     record_event(run_dir, "cancelled", steps=[r.step for r in live])
     print(f"run {manifest['run_id']}: cancelled {', '.join(f'{r.step} ({r.job_id})' for r in live)}")
+    # a training step saves the optimizer step it is on before it exits (SIGTERM is passed on to it): wait until
+    # every job has ended, so that `resume` right after this finds nothing live and the newest checkpoint complete
+    cancelled = {r.step for r in live}
+    deadline = time.monotonic() + args.timeout
+    while True:
+        rows, _ = collect([run_dir])
+        still = [r for r in rows if r.state.live and r.step in cancelled]
+        if not still or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    for step in sorted(cancelled):
+        record = read_json_quiet(run_dir / "reports" / "status" / f"{step}.json")
+        if record.get("state") == "STOPPED":
+            print(f"  {step}: {record.get('message')}")
+    if still:
+        print(f"  still ending after {args.timeout:.0f} s: {', '.join(f'{r.step} ({r.state.state})' for r in still)}; "
+              "`sftjobs status` shows when they are gone")
+        return 1
+    print("  every cancelled job has ended; `sftjobs resume RUN` continues from the newest complete checkpoint")
     return 0
 
 
@@ -481,8 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--follow", action="store_true")
     p.set_defaults(func=cmd_logs)
 
-    p = sub.add_parser("cancel", parents=[store], help="cancel every live job of a run")
+    p = sub.add_parser("cancel", parents=[store], help="cancel every live job of a run and wait until they have ended "
+                       "(a training step first saves the optimizer step it is on)")
     p.add_argument("run", metavar="RUN")
+    p.add_argument("--timeout", type=float, default=180.0, metavar="SECONDS",
+                   help="how long to wait for the jobs to end (default 180; exit 1 if some are still ending)")
     p.set_defaults(func=cmd_cancel)
 
     p = sub.add_parser("resume", parents=[store], help="resubmit the steps of a run that did not complete (training resumes)")

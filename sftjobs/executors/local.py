@@ -172,6 +172,31 @@ class DebugExecutor(LocalExecutor):
         return {s.name: f"{os.getpid()}.{i}" for i, s in enumerate(plan.steps)}
 
 
+STOP_WAIT_S = 170  # under cancel's default wait (180 s): a training step's save at the signal, then SIGKILL
+
+
+def _stop_group(pid: int, wait_s: float) -> None:
+    """SIGTERM to the process group led by ``pid`` (our child), wait for the leader to exit, SIGKILL the group after
+    ``wait_s``. Reaped with os.waitpid: this runs in a signal handler that interrupted Popen.wait on the same child."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if done:
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def _alive(pid: int | None) -> bool:
     if not pid:
         return False
@@ -187,17 +212,22 @@ def _runner_main(run_dir: Path) -> int:
     state = ChainState(run_dir)
     current: dict[str, int | None] = {"pid": None}
 
-    def on_term(signum, frame):  # sftjobs cancel: stop the running step's whole process group, then the rest
+    def on_term(signum, frame):  # sftjobs cancel: the steps not started, then the running step's process group
+        data = state.read()
+        for entry in data["steps"].values():
+            if entry["state"] == "PENDING":
+                entry.update(state="CANCELLED", reason="cancelled by user", ended=time.time())
+        state.write(data)
+        if current["pid"]:
+            # SIGTERM to every process of the step, as Slurm sends it: a training step saves the optimizer step it
+            # is on and exits. The step stays RUNNING until it has, so `resume` right after `cancel` starts no second
+            # writer; past STOP_WAIT_S it is killed.
+            _stop_group(current["pid"], STOP_WAIT_S)
         data = state.read()
         for entry in data["steps"].values():
             if entry["state"] in ("PENDING", "RUNNING"):
                 entry.update(state="CANCELLED", reason="cancelled by user", ended=time.time())
         state.write(data)
-        if current["pid"]:
-            try:
-                os.killpg(current["pid"], signal.SIGTERM)
-            except ProcessLookupError:
-                pass
         raise SystemExit(143)
 
     signal.signal(signal.SIGTERM, on_term)
