@@ -172,6 +172,8 @@ SCHEMA: dict[str, Key] = {
     "resources.signal_delay_s": Key(int, 120, _at_least(0), "USR2 this many seconds before the time limit (requeue)"),
     "resources.max_time_requeues": Key(int, 10, _at_least(0), "times a training step may reach its time limit and "
                                        "requeue itself (resuming from its checkpoint) before it fails"),
+    "resources.local_trainings": Key(int, 1, _at_least(1), "local executor: how many trainings of this user may run "
+                                     "at once on this machine; the others wait for a slot (PENDING)"),
     "resources.mail_type": Key(OPT_STR, None, _mail_type, "sbatch --mail-type of the chain's last step (END,FAIL "
                                "when only mail_user is set); every other step mails on FAIL"),
     "resources.mail_user": Key(OPT_STR, None, _mail_user, "sbatch --mail-user (default: Slurm mails the submitter)"),

@@ -67,6 +67,7 @@ class ResourcesSpec:
     mail_user: str | None
     signal_delay_s: int
     max_time_requeues: int
+    local_trainings: int
     cpu_step_cpus: int
     cpu_step_mem: str | None
     cpu_step_time: str | int | None

@@ -7,11 +7,13 @@ checked with psutil so a runner that died is reported, not shown RUNNING forever
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +22,7 @@ import psutil
 
 from sftjobs.errors import SftjobsError
 from sftjobs.executors.base import Executor, Request, StepState, squeue_time
-from sftjobs.fsutil import atomic_write_json, read_json
+from sftjobs.fsutil import atomic_write_json, exclusive_lock, read_json
 from sftjobs.planning.dag import Plan, Step
 
 STATE_FILE = "local/chain.json"
@@ -172,6 +174,30 @@ class DebugExecutor(LocalExecutor):
         return {s.name: f"{os.getpid()}.{i}" for i, s in enumerate(plan.steps)}
 
 
+SLOT_DIR = Path(tempfile.gettempdir()) / f"sftjobs-{os.getuid()}-local-slots"
+
+
+@contextlib.contextmanager
+def training_slot(slots: int, waiting: Callable[[str], None], got: Callable[[], None], poll_s: float = 2.0):
+    """One of ``slots`` trainings of this user on this machine (flock on a slot file; a crashed holder frees its
+    slot). Two local trainings at once would each take every CPU thread, or share a GPU; the others wait here,
+    PENDING with the reason saying for what."""
+    told = False
+    while True:
+        for index in range(slots):
+            with exclusive_lock(SLOT_DIR / f"train-{index}.lock", blocking=False) as fd:
+                if fd is None:
+                    continue
+                got()
+                yield
+                return
+        if not told:
+            waiting(f"LocalTrainingSlot: {slots} training(s) of this user already run on this machine "
+                    "(resources.local_trainings)")
+            told = True
+        time.sleep(poll_s)
+
+
 STOP_WAIT_S = 170  # under cancel's default wait (180 s): a training step's save at the signal, then SIGKILL
 
 
@@ -236,7 +262,13 @@ def _runner_main(run_dir: Path) -> int:
         def started(pid: int) -> None:
             current["pid"] = pid
             state.update(step.name, pid=pid)
-        code = _run_script(step, rd, started)
+        if step.kind != "train":
+            code = _run_script(step, rd, started)
+        else:
+            with training_slot(step.resources.local_trainings,
+                               lambda why: state.update(step.name, state="PENDING", reason=why),
+                               lambda: state.update(step.name, state="RUNNING", reason="", started=time.time())):
+                code = _run_script(step, rd, started)
         current["pid"] = None
         return code
 

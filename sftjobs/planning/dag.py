@@ -27,6 +27,7 @@ class Resources:
     exclusive: bool = False  # the step takes every GPU of its nodes, so it asks for the whole nodes
     mail_type: str | None = None  # sbatch --mail-type (FAIL on every step, the user's types on the last)
     mail_user: str | None = None
+    local_trainings: int = 1  # local executor: trainings of this user at once on the machine (the rest wait)
 
 
 @dataclass
@@ -72,7 +73,8 @@ def build_plan(profile: Profile, dry_run_first: bool = False) -> Plan:
     res = profile.values["resources"]
     shared = dict(partition=res["partition"], account=res["account"], qos=res["qos"],
                   constraint=res["constraint"], sbatch_extra=list(res["sbatch_extra"]),
-                  signal_delay_s=res["signal_delay_s"], max_time_requeues=res["max_time_requeues"])
+                  signal_delay_s=res["signal_delay_s"], max_time_requeues=res["max_time_requeues"],
+                  local_trainings=res["local_trainings"])
     cpus = res["cpus_per_task"]
     cpu = Resources(nodes=1, gpus_per_node=0, cpus_per_task=min(res["cpu_step_cpus"], cpus or res["cpu_step_cpus"]),
                     mem=res["cpu_step_mem"], time=_time(res["cpu_step_time"]), **shared)
