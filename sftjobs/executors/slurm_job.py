@@ -9,7 +9,8 @@ import time
 
 from submitit.helpers import Checkpointable, DelayedSubmission
 
-EXIT_STOPPED = 75  # sftjobs.errors.EXIT_STOPPED: the step saved at a signal and stopped (the node side's code)
+from sftjobs.errors import EXIT_STOPPED  # the step saved at a signal and stopped
+
 REQUEUE_MARGIN_S = 15  # what submitit's requeue (scontrol requeue) and its exit need after the wait
 
 
