@@ -29,6 +29,25 @@ def run_cli(*args, cwd=None, env=None, timeout=120):
                           text=True, timeout=timeout)
 
 
+def prepare_demo_run(root: Path, *sets: str) -> Path:
+    """``sftjobs render demo`` into root/run with ``--set`` items, and its data and model steps done (tests then run
+    the train step themselves); the run store is root/jobs."""
+    import subprocess
+
+    pytest.importorskip("llamafactory")
+    env = {"SFTJOBS_JOBS_DIR": str(root / "jobs")}
+    args = ["render", "demo", "--out", str(root / "run")]
+    for item in sets:
+        args += ["--set", item]
+    result = run_cli(*args, cwd=root, env=env)
+    assert result.returncode == 0, result.stderr
+    for step in ("data", "model"):
+        done = subprocess.run([sys.executable, "-m", "sftjobs.steps", step, "--run-dir", str(root / "run")],
+                              cwd=root, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+    return root / "run"
+
+
 @pytest.fixture
 def slurm():
     """The real test cluster; CI sets SFTJOBS_REQUIRE_SLURM=1 so a cluster that did not start fails, not skips."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import prepare_demo_run
 
 pytestmark = pytest.mark.train
 SETS = ["train.save_steps=1000", "train.logging_steps=1", "train.max_steps=40", "train.dataloader_num_workers=1"]
@@ -26,18 +26,8 @@ SETS = ["train.save_steps=1000", "train.logging_steps=1", "train.max_steps=40", 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """A rendered demo run with its data and model steps done (the train step is run by each test)."""
-    pytest.importorskip("llamafactory")
     root = tmp_path_factory.mktemp("signal_save")
-    env = {"SFTJOBS_JOBS_DIR": str(root / "jobs")}
-    args = ["render", "demo", "--out", str(root / "run")]
-    for item in SETS:
-        args += ["--set", item]
-    result = run_cli(*args, cwd=root, env=env)
-    assert result.returncode == 0, result.stderr
-    for step in ("data", "model"):
-        done = subprocess.run([sys.executable, "-m", "sftjobs.steps", step, "--run-dir", str(root / "run")],
-                              cwd=root, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-2000:]
+    prepare_demo_run(root, *SETS)
     return root
 
 

@@ -10,14 +10,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from sftjobs.planning.tracking import WANDB_ID_MAX, wandb_run_id
-from tests.conftest import run_cli
+from tests.conftest import prepare_demo_run, run_cli
 
 MAX_STEPS = 12
 SETS = ["train.save_steps=1000", "train.logging_steps=1", f"train.max_steps={MAX_STEPS}",
@@ -26,18 +25,7 @@ SETS = ["train.save_steps=1000", "train.logging_steps=1", f"train.max_steps={MAX
 
 def prepare(root: Path, tracking: str) -> Path:
     """A rendered demo run with tracking on and its data and model steps done."""
-    pytest.importorskip("llamafactory")
-    env = {"SFTJOBS_JOBS_DIR": str(root / "jobs")}
-    args = ["render", "demo", "--out", str(root / "run"), "--set", f"tracking={tracking}"]
-    for item in SETS:
-        args += ["--set", item]
-    result = run_cli(*args, cwd=root, env=env)
-    assert result.returncode == 0, result.stderr
-    for step in ("data", "model"):
-        done = subprocess.run([sys.executable, "-m", "sftjobs.steps", step, "--run-dir", str(root / "run")],
-                              cwd=root, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-2000:]
-    return root / "run"
+    return prepare_demo_run(root, f"tracking={tracking}", *SETS)
 
 
 def job_env(**extra: str) -> dict[str, str]:
