@@ -19,6 +19,7 @@ from tests.slurm_helpers import scontrol_job, wait_until
 from tests.test_slurm_chain import all_done
 
 pytestmark = [pytest.mark.slurm, pytest.mark.train]
+TIME_LIMIT_STEPS = 12000
 CPU_JOBS = ["resources.mem=3G", "resources.cpu_step_mem=2G", "train.num_train_epochs=4.0"]
 
 
@@ -92,8 +93,10 @@ def test_time_limit_signal_saves_the_current_step_and_requeues(slurm, in_tmp, ca
     # a 4-minute limit with USR2 180 s before it: the step gets the signal 60-90 s in (Slurm checks limits every
     # 30 s) and saves the step it is on; submitit requeues it as Checkpointable. No periodic save happens (save_steps
     # is larger than the run), so every requeue resumes from the signal's checkpoint.
+    # 12000 steps: longer than one 4-minute job at the fastest this CPU trains the demo (~100 steps/s), so the
+    # signal always comes mid-training
     run_dir, manifest = submit_demo(capsys, sets=["resources.time=4", "resources.signal_delay_s=180",
-                                                  "train.num_train_epochs=60.0", "train.save_steps=100000",
+                                                  f"train.max_steps={TIME_LIMIT_STEPS}", "train.save_steps=100000",
                                                   "train.logging_steps=1"])
     final = wait_until(lambda: all_done(capsys, manifest["run_id"]), 1500, 3, "the chain")
     assert set(final.values()) == {"COMPLETED"}, final
@@ -102,9 +105,9 @@ def test_time_limit_signal_saves_the_current_step_and_requeues(slurm, in_tmp, ca
     assert requeues >= 1
     output_dir = Path(json.loads((run_dir / "plan.json").read_text())["paths"]["output_dir"])
     state = json.loads((output_dir / "trainer_state.json").read_text())
-    assert state["global_step"] == state["max_steps"] == 3000
+    assert state["global_step"] == state["max_steps"] == TIME_LIMIT_STEPS
     steps = logged_steps(output_dir)
-    assert set(steps) == set(range(1, 3001))
+    assert set(steps) == set(range(1, TIME_LIMIT_STEPS + 1))
     repeated = trained_twice(steps)
     print(f"time limit: {requeues} requeue(s), {repeated} optimizer step(s) trained twice")
     assert repeated <= requeues, Counter(steps).most_common(3)
@@ -117,7 +120,8 @@ def test_time_limit_signal_saves_the_current_step_and_requeues(slurm, in_tmp, ca
 def test_scontrol_requeue_and_scancel_usr2_save_the_current_step(slurm, in_tmp, capsys):
     """`scontrol requeue` (SIGTERM to every process, then SIGKILL after KillWait) and `scancel --signal=USR2`
     (USR2 to every process of the job's steps: submitit requeues after the save) on one training run."""
-    run_dir, manifest = submit_demo(capsys, sets=["train.num_train_epochs=12.0", "train.save_steps=100000",
+    # enough steps that both signals land mid-training however fast this CPU trains the demo (~40-100 steps/s)
+    run_dir, manifest = submit_demo(capsys, sets=["train.max_steps=4000", "train.save_steps=100000",
                                                   "train.logging_steps=1"])
     train = manifest["jobs"]["train"]
     output_dir = Path(json.loads((run_dir / "plan.json").read_text())["paths"]["output_dir"])

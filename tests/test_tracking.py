@@ -18,7 +18,7 @@ import pytest
 from sftjobs.planning.tracking import WANDB_ID_MAX, wandb_run_id
 from tests.conftest import prepare_demo_run, run_cli
 
-MAX_STEPS = 12
+MAX_STEPS = 300  # enough that the signal after step 3 lands mid-training on a fast CPU (~100 steps/s)
 SETS = ["train.save_steps=1000", "train.logging_steps=1", f"train.max_steps={MAX_STEPS}",
         "train.dataloader_num_workers=0"]
 
