@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from sftjobs import __version__
 from sftjobs.errors import SftjobsError
 
 
@@ -78,8 +79,19 @@ def cmd_submit(args: argparse.Namespace) -> int:
     for step, job_id in manifest["jobs"].items():
         print(f"  {step:<17} job {job_id}")
     if args.wait:
-        return wait_for_run(prepared.run_dir, args.poll)
+        return wait_or_detach(manifest["run_id"], prepared.run_dir, args.poll)
     return 0
+
+
+def wait_or_detach(run_id: str, run_dir: Path, poll: float) -> int:
+    """--wait, where Ctrl-C stops the waiting only: the jobs are queued and go on; say how to watch or stop them."""
+    try:
+        return wait_for_run(run_dir, poll)
+    except KeyboardInterrupt:
+        print(f"\nstopped waiting; run {run_id} goes on (its jobs are queued). "
+              f"Watch it: `sftjobs status {run_id}`, `sftjobs logs {run_id} -f`; "
+              f"stop it: `sftjobs cancel {run_id}`.", file=sys.stderr, flush=True)
+        return 130
 
 
 def wait_for_run(run_dir: Path, poll: float) -> int:
@@ -363,26 +375,59 @@ def _size(path: Path) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     from sftjobs.runs import find_run, read_manifest
-    from sftjobs.status import collect, default_log_step, follow, log_path
+    from sftjobs.status import default_log_step, fold_progress, log_path
 
     run_dir = find_run(args.run)
     manifest = read_manifest(run_dir)
     step = args.step or default_log_step(run_dir, manifest)
     if step not in manifest["jobs"]:
         raise SftjobsError(f"run {manifest['run_id']} has no step {step!r}; its steps are {', '.join(manifest['jobs'])}.")
+    if args.follow:
+        return follow_chain(run_dir, manifest, step, args.raw, chain=args.step is None)
     path = log_path(run_dir, manifest, step)
     print(f"==> {path} <==", file=sys.stderr)
-    if args.follow:
-        def running() -> bool:
-            rows, _ = collect([run_dir])
-            return any(r.step == step and r.state.live for r in rows)
-        for chunk in follow(path, running):
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
-        return 0
     if not path.exists():
         raise SftjobsError(f"step {step} has no log yet ({path}); it has not started. `sftjobs status` shows why.")
-    sys.stdout.write(path.read_text(errors="replace"))
+    with open(path, errors="replace", newline="") as handle:  # newline="": \r is not read as a line end
+        text = handle.read()
+    sys.stdout.write(text if args.raw else fold_progress(text))
+    return 0
+
+
+def follow_chain(run_dir: Path, manifest: dict, first: str, raw: bool, chain: bool) -> int:
+    """logs -f: tail the step's log while it runs; then (no STEP named) go on to the next step of the chain, in the
+    manifest's order, until no step of the run is live. A step that never started (its chain stopped) is skipped."""
+    import time
+
+    from sftjobs.status import ProgressFolder, collect, follow, log_path
+
+    steps = list(manifest["jobs"])
+    order = steps[steps.index(first):] if chain else [first]
+    tty = sys.stdout.isatty()
+
+    def state_of(step: str):
+        rows, _ = collect([run_dir])
+        row = next((r for r in rows if r.step == step), None)
+        return row, any(r.state.live for r in rows)
+
+    for step in order:
+        path = log_path(run_dir, manifest, step)
+        while True:  # wait for the step to start, or for the chain to end without it
+            row, chain_live = state_of(step)
+            started = row is not None and row.state.state.split()[0] != "PENDING"
+            if started or path.exists() or not chain_live:
+                break
+            time.sleep(1.0)
+        if not (started or path.exists()):
+            continue
+        print(f"==> {path} <==", file=sys.stderr, flush=True)
+        folder = ProgressFolder(tty)
+        for chunk in follow(path, lambda step=step: bool((r := state_of(step)[0]) and r.state.live)):
+            sys.stdout.write(chunk if raw else folder.feed(chunk))
+            sys.stdout.flush()
+        if not raw:
+            sys.stdout.write(folder.close())
+            sys.stdout.flush()
     return 0
 
 
@@ -445,7 +490,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     for step in resubmitted:
         print(f"  {step:<17} job {manifest['jobs'][step]}")
     if args.wait:
-        return wait_for_run(run_dir, 5.0)
+        return wait_or_detach(manifest["run_id"], run_dir, 5.0)
     return 0
 
 
@@ -457,6 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "~/.local/share/sftjobs/jobs); relative profile paths resolve against its parent folder")
     parser = argparse.ArgumentParser(prog="sftjobs", description="LLaMA-Factory SFT job chains on Slurm or this machine.",
                                      parents=[store])
+    parser.add_argument("--version", "-V", action="version", version=f"sftjobs {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("profiles", parents=[store], help="list the stage profiles with a one-line summary each")
@@ -473,7 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: the profile's resources.executor (auto: slurm if sbatch is on PATH, else local)")
     p.add_argument("--preview", action="store_true", help="print the exact sbatch scripts and dependency graph; submit nothing")
     p.add_argument("--wait", action="store_true", help="block until the chain ends, then print the status table")
-    p.add_argument("--poll", type=float, default=5.0, help=argparse.SUPPRESS)
+    p.add_argument("--poll", type=float, default=5.0, metavar="SECONDS",
+                   help="with --wait: seconds between state checks (default 5)")
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("status", parents=[store], help="squeue-style table of the live runs (or one RUN, or --all)")
@@ -503,37 +551,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", "-n", action="store_true", help="say what would be removed, remove nothing")
     p.set_defaults(func=cmd_clean)
 
-    p = sub.add_parser("logs", parents=[store], help="show (or -f follow) a step's log")
-    p.add_argument("run", metavar="RUN")
+    p = sub.add_parser("logs", parents=[store], help="show (or -f follow) a step's log, progress bars as one line each")
+    p.add_argument("run", metavar="RUN", help="a run id, a unique prefix of one, a run directory, or 'last'")
     p.add_argument("step", nargs="?", metavar="STEP", help="default: the failed step, else the latest started")
-    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("-f", "--follow", action="store_true",
+                   help="follow the log as it grows and go on to the next step's until the chain ends")
+    p.add_argument("--raw", action="store_true",
+                   help="the log as written, carriage-return progress updates included (default: their last state)")
     p.set_defaults(func=cmd_logs)
 
     p = sub.add_parser("cancel", parents=[store], help="cancel every live job of a run and wait until they have ended "
                        "(a training step first saves the optimizer step it is on)")
-    p.add_argument("run", metavar="RUN")
+    p.add_argument("run", metavar="RUN", help="a run id, a unique prefix of one, a run directory, or 'last'")
     p.add_argument("--timeout", type=float, default=180.0, metavar="SECONDS",
                    help="how long to wait for the jobs to end (default 180; exit 1 if some are still ending)")
     p.set_defaults(func=cmd_cancel)
 
     p = sub.add_parser("resume", parents=[store], help="resubmit the steps of a run that did not complete (training resumes)")
-    p.add_argument("run", metavar="RUN")
-    p.add_argument("--wait", action="store_true", help="block until the chain ends")
+    p.add_argument("run", metavar="RUN", help="a run id, a unique prefix of one, a run directory, or 'last'")
+    p.add_argument("--wait", action="store_true", help="block until the chain ends, then print the status table")
     p.set_defaults(func=cmd_resume)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         if getattr(args, "jobs_dir", None) is not None:
             from sftjobs.runs import set_jobs_dir
 
             set_jobs_dir(args.jobs_dir)
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, so that a reader that has gone is a BrokenPipeError caught below
+        return code
     except SftjobsError as exc:
         print(f"sftjobs: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `sftjobs status | head`: the reader has gone; stop quietly, as cat and ls do
+        _quiet_stdout()
+        return 141
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not raise a second BrokenPipeError."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass

@@ -424,6 +424,31 @@ def _did_you_mean(word: str, options: list[str] | set[str] | frozenset[str]) -> 
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _nearest_key_hint(key: str) -> str:
+    """Did-you-mean for an unknown profile key, as the full key to write: a misspelt section (`resorces` ->
+    'resources', `resorces.nodes` -> 'resources.nodes'), a key of a section written at the top (`cutoff_len` ->
+    'train.cutoff_len', `partition` -> 'resources.partition'), or a misspelt key (`model.hubid` -> 'model.hub_id')."""
+    full = set(SCHEMA) | SECTIONS | {f"train.{k}" for k in llamafactory_keys()}
+    by_leaf: dict[str, list[str]] = {}
+    for name in sorted(full):
+        by_leaf.setdefault(name.rsplit(".", 1)[-1], []).append(name)
+    section, _, leaf = key.rpartition(".")
+    if section and section not in SECTIONS:  # `resorces.nodes`: fix the section, keep the leaf if it fits
+        fixed = difflib.get_close_matches(section, sorted(SECTIONS), n=1, cutoff=0.6)
+        if fixed and (f"{fixed[0]}.{leaf}" in full or fixed[0] == "train"):
+            return f" (did you mean {fixed[0] + '.' + leaf!r}?)"
+    if section in SECTIONS:
+        options = [k for k in full if k.startswith(section + ".")]
+        return _did_you_mean(key, options) or _did_you_mean(key, full - SECTIONS)
+    if leaf in by_leaf:  # the right name in the wrong place
+        return f" (did you mean {' or '.join(repr(k) for k in by_leaf[leaf])}?)"
+    top = [k for k in full if "." not in k]
+    if hint := _did_you_mean(leaf, top):
+        return hint
+    close = difflib.get_close_matches(leaf, sorted(by_leaf), n=1, cutoff=0.75)
+    return f" (did you mean {' or '.join(repr(k) for k in by_leaf[close[0]])}?)" if close else _did_you_mean(key, full)
+
+
 def _type_name(t: type | tuple[type, ...]) -> str:
     types = t if isinstance(t, tuple) else (t,)
     names = {int: "an integer", float: "a number", str: "a string", bool: "true/false", list: "a list",
@@ -456,9 +481,7 @@ def validate(raw: dict[str, Any], where: str) -> dict[str, Any]:
         if key in SECTIONS:  # e.g. `model: foo` instead of a mapping
             raise SftjobsError(f"{where}: key {key!r} must be a mapping of keys ({key}.xxx), not {value!r}.")
         if key not in SCHEMA:
-            section = key.split(".")[0]
-            options = [k for k in SCHEMA if k.startswith(section + ".")] if "." in key else list(SCHEMA)
-            hint = _did_you_mean(key, options) or _did_you_mean(key, SCHEMA.keys())
+            hint = _nearest_key_hint(key)
             raise SftjobsError(f"{where}: unknown key {key!r}{hint}. Known keys are listed in configs/toy.yaml.")
         if (inner := _nul_in(value)) is not None:
             raise SftjobsError(f"{where}: key {key + inner!r} holds a NUL character ({value!r}); no path, name or "

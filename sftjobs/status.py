@@ -392,7 +392,7 @@ def follow(path: Path, still_running) -> Iterator[str]:
     while True:
         done = not still_running()  # decided before the read, so the last lines are never missed
         if path.exists():
-            with open(path, errors="replace") as handle:
+            with open(path, errors="replace", newline="") as handle:  # \r kept: a progress bar's updates
                 handle.seek(position)
                 chunk = handle.read()
                 position = handle.tell()
@@ -401,3 +401,41 @@ def follow(path: Path, still_running) -> Iterator[str]:
         if done:
             break
         time.sleep(1.0)
+
+
+def fold_progress(text: str) -> str:
+    """Carriage-return updates folded as a terminal shows them: of each line, the last state written (a tqdm bar
+    that rewrote itself 500 times with \\r is one line, its final state)."""
+    lines = text.split("\n")  # not splitlines(): that splits at \r too
+    return "\n".join(_fold_line(line) for line in lines)
+
+
+def _fold_line(line: str) -> str:
+    parts = [p for p in line.split("\r") if p]
+    return parts[-1] if parts else ""
+
+
+class ProgressFolder:
+    """fold_progress for a log read in chunks (logs -f): whole lines are folded and passed on; the line still being
+    written is held back, or on a terminal shown as its latest state redrawn in place."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+        self.partial = ""
+        self.shown = False  # the partial line is on the terminal (and gets redrawn, then replaced)
+
+    def feed(self, chunk: str) -> str:
+        text = self.partial + chunk
+        cut = text.rfind("\n") + 1
+        whole, self.partial = text[:cut], text[cut:]
+        out = ("\r\x1b[K" if self.shown and whole else "") + fold_progress(whole)
+        self.shown = self.shown and not whole
+        if self.tty and self.partial:
+            out += "\r\x1b[K" + _fold_line(self.partial)
+            self.shown = True
+        return out
+
+    def close(self) -> str:
+        rest = ("\r\x1b[K" if self.shown else "") + (_fold_line(self.partial) + "\n" if _fold_line(self.partial) else "")
+        self.partial, self.shown = "", False
+        return rest

@@ -16,6 +16,7 @@ from sftjobs.fsutil import exclusive_lock
 from sftjobs.planning.dag import Plan, build_plan
 from sftjobs.planning.memory import summary_line
 from sftjobs.planning.run import plan_run
+from sftjobs.preflight_checks import check_before_queueing
 from sftjobs.profile import Profile, load_profile
 from sftjobs.render import memory_plan_of, render_files, write_run_dir
 from sftjobs.runs import new_run_id, read_manifest, store_dir, write_manifest
@@ -53,6 +54,7 @@ class Prepared:
 
 def prepare(profile_ref: str, overrides: list[str], dry_run_first: bool, executor: str | None) -> Prepared:
     profile = load_profile(profile_ref, overrides)
+    check_before_queueing(profile, store_dir())
     name, why = executors.choose(executor or profile.values["resources"]["executor"])
     backend = make_executor(name, profile)
     plan = build_plan(profile, dry_run_first=dry_run_first)

@@ -91,16 +91,20 @@ def test_multi_node_master_on_loopback_fails_fast(slurm, in_tmp, capsys, monkeyp
 
 
 def test_failing_step_cancels_the_rest_and_status_says_why(slurm, in_tmp, capsys):
-    # the real data step fails at once on a missing file; it cancels its dependants itself
-    manifest = submit(capsys, "toy", fake=False, sets=["data.source=path", "data.path=/nonexistent/data.jsonl",
-                                                       "model.source=path", "model.path=/nonexistent/model"])
+    # the real data step fails at once on an empty file; it cancels its dependants itself (a missing file or model
+    # folder is refused by submit before anything is queued, so they exist here, empty)
+    data, model = in_tmp / "data.jsonl", in_tmp / "model"
+    data.write_text("")
+    model.mkdir()
+    manifest = submit(capsys, "toy", fake=False, sets=["data.source=path", f"data.path={data}",
+                                                       "model.source=path", f"model.path={model}"])
     final = wait_until(lambda: all_done(capsys, manifest["run_id"]), 120, 2, "the chain to end")
     assert final["data"].startswith("FAILED")
     for step in ("preflight", "train", "validate"):
         assert final[step].startswith("CANCELLED"), final
     report = status_json(capsys, manifest["run_id"])
     note = " ".join(report["notes"])
-    assert f"run {manifest['run_id']}: step data failed with exit code 1 (" in note and "/nonexistent/data.jsonl" in note
+    assert f"run {manifest['run_id']}: step data failed with exit code 1 (" in note and str(data) in note
     assert "; preflight, train, validate did not run." in note
 
 
