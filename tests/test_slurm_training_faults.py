@@ -97,7 +97,7 @@ def test_time_limit_signal_saves_the_current_step_and_requeues(slurm, in_tmp, ca
     # signal always comes mid-training
     run_dir, manifest = submit_demo(capsys, sets=["resources.time=4", "resources.signal_delay_s=180",
                                                   f"train.max_steps={TIME_LIMIT_STEPS}", "train.save_steps=100000",
-                                                  "train.logging_steps=1"])
+                                                  "train.logging_steps=1", "resources.max_time_requeues=30"])
     final = wait_until(lambda: all_done(capsys, manifest["run_id"]), 1500, 3, "the chain")
     assert set(final.values()) == {"COMPLETED"}, final
     train = manifest["jobs"]["train"]
