@@ -435,15 +435,9 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     import time
 
     from sftjobs import executors
-    from sftjobs.fsutil import read_json
     from sftjobs.runs import find_run, read_manifest, record_event
     from sftjobs.status import collect
-
-    def read_json_quiet(path):
-        try:
-            return read_json(path)
-        except (OSError, ValueError):
-            return {}
+    from sftjobs.submit import read_json_quiet
 
     run_dir = find_run(args.run)
     manifest = read_manifest(run_dir)
