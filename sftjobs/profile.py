@@ -195,6 +195,9 @@ SCHEMA: dict[str, Key] = {
     "speed.split_long_samples": Key(bool, False, help="with pack_rank_samples: a step's longest sample, where it "
                                     "costs more than a GPU's share, is split over a pair of GPUs (attention "
                                     "across the pair; the same loss and gradients)"),
+    "speed.lean_zero_step": Key(bool, False, help="DeepSpeed ZeRO-1/2: the gradient norm in one multi-tensor "
+                                "call and no separate bf16 overflow pass (a non-finite norm still skips the "
+                                "step); the same updates, fewer kernel launches per optimizer step"),
     "speed.cudnn_attention_bucket": Key(int, 0, _at_least(0), help="with per_sample_attention or pack_rank_samples "
                                         "on a GPU: a packed sample with its own attention call runs cuDNN's kernel, "
                                         "padded at its end to a multiple of this many tokens (cuDNN builds one graph "

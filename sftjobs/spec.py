@@ -93,6 +93,7 @@ class SpeedSpec:
     skip_idle_micro_steps: bool
     split_long_samples: bool
     cudnn_attention_bucket: int
+    lean_zero_step: bool
 
 
 @dataclass(frozen=True)

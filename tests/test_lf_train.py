@@ -67,9 +67,14 @@ def train(root, name, *args, ranks=1, port=29641):
 
 
 def logged(root, name, key):
-    """One value per logging step of the run's trainer_log.jsonl (loss, grad_norm, ...)."""
+    """One value per logging step: from the run's trainer_log.jsonl (loss, lr, ...), else from the log history
+    of its trainer_state.json (grad_norm, which LLaMA-Factory's trainer_log.jsonl leaves out)."""
     lines = (root / name / "trainer_log.jsonl").read_text().splitlines()
-    return [r[key] for r in map(json.loads, lines) if key in r]
+    values = [r[key] for r in map(json.loads, lines) if key in r]
+    if values:
+        return values
+    history = json.loads((root / name / "trainer_state.json").read_text())["log_history"]
+    return [r[key] for r in history if key in r]
 
 
 def logged_pack_summary(err):
@@ -306,3 +311,19 @@ def test_the_benchmark_times_the_entry_through_its_callback_hook(lf_setup):
     assert 0 < rec["tokens"][0] < rec["tokens"][-1] <= rec["all_tokens"][-1]
     assert len(rec["phases"]) == 6
     assert len(logged(lf_setup, "timed", "loss")) == 6
+
+
+def test_the_lean_zero_step_trains_the_plain_steps_under_zero_1_and_2(lf_setup):
+    """speed.lean_zero_step under real DeepSpeed ZeRO-1 and ZeRO-2 (sftjobs' own template; gloo on the CPU, two
+    ranks): the losses and gradient norms of DeepSpeed's own step (tests/test_lean_zero_step.py has bf16's part)."""
+    from sftjobs.templating import render_template
+
+    for stage, port in ((1, 29653), (2, 29655)):
+        ds = lf_setup / f"ds_lean_z{stage}.json"
+        ds.write_text(render_template("deepspeed.json.j2", stage=stage, offload=False))
+        plain, _ = train(lf_setup, f"z{stage}_stock", f"deepspeed={ds}", ranks=2, port=port)
+        lean, err = train(lf_setup, f"z{stage}_lean", "--lean-zero-step", f"deepspeed={ds}", ranks=2, port=port + 1)
+        assert "lean ZeRO step: one multi-tensor gradient norm" in err
+        assert len(plain) == 6 and close(lean, plain), (stage, lean, plain)
+        norms = [logged(lf_setup, n, "grad_norm") for n in (f"z{stage}_stock", f"z{stage}_lean")]
+        assert len(norms[0]) == 6 and close(norms[1], norms[0]), (stage, norms)

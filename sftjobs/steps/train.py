@@ -117,6 +117,8 @@ def training_command(config: Path, resume: Path | None, speed: dict | None = Non
         entry.append("--skip-idle-micro-steps")
     if speed.get("split_long_samples"):
         entry.append("--split-long-samples")
+    if speed.get("lean_zero_step"):
+        entry.append("--lean-zero-step")
     if speed.get("cudnn_attention_bucket"):
         entry += ["--cudnn-attention-bucket", str(int(speed["cudnn_attention_bucket"]))]
     if memory_log is not None:

@@ -122,6 +122,20 @@ PATCHES: tuple[Patch, ...] = (
           verified={"torch": TORCH},
           install="sftjobs.trainer.entry:install_cudnn_attention (per_sample_attention.CUDNN_BUCKET / CUDNN_MAX_LEN)",
           undo="per_sample_attention.CUDNN_BUCKET = 0"),
+    Patch("lean_zero_step", ("speed.lean_zero_step",),
+          targets=("deepspeed.runtime.zero.stage_1_and_2:DeepSpeedZeroOptimizer.get_grad_norm_direct",
+                   "deepspeed.runtime.zero.stage_1_and_2:DeepSpeedZeroOptimizer.check_overflow",
+                   "deepspeed.runtime.zero.stage_1_and_2:DeepSpeedZeroOptimizer.step",
+                   "deepspeed.runtime.zero.stage_1_and_2:mask_nan_or_inf_with_val_inplace",
+                   "deepspeed.runtime.zero.stage_1_and_2:dist.all_reduce",
+                   "deepspeed.runtime.constants:PIPE_REPLICATED", "torch:_foreach_norm"),
+          replaces=("deepspeed.runtime.zero.stage_1_and_2:DeepSpeedZeroOptimizer.get_grad_norm_direct",
+                    "deepspeed.runtime.zero.stage_1_and_2:DeepSpeedZeroOptimizer.check_overflow"),
+          verified={"deepspeed": DEEPSPEED, "torch": TORCH},
+          install="sftjobs.trainer.lean_zero_step:install (one multi-tensor gradient norm; the bf16 overflow pass "
+                  "left to step()'s check of that norm)",
+          undo="restore DeepSpeedZeroOptimizer.get_grad_norm_direct / check_overflow (patches.restore)",
+          reaches="the optimizer's dtype, compute_grad_norm, cpu_offload, model_parallel_rank, dp_process_group"),
     Patch("loader_workers_survive_sigterm", ("signal_save.loader_workers",),
           targets=("transformers.trainer:seed_worker", "transformers:Trainer.get_train_dataloader"),
           replaces=("transformers.trainer:seed_worker",),
@@ -174,6 +188,8 @@ FEATURES: dict[str, Feature] = {f.name: f for f in (
             needs=("speed.pack_rank_samples",)),
     Feature("speed.cudnn_attention_bucket", "flash instead of cuDNN for single samples: ~1.12x slower (fast on "
             "4x H200: 19,599 vs 17,548 tok/s/GPU)"),
+    Feature("speed.lean_zero_step", "DeepSpeed's per-parameter norm and overflow passes (~3,900 launches per "
+            "optimizer step with the 3B model on one GPU; bench/results)"),
     Feature("signal_save.loader_workers", "a SIGTERM sent to every process (preemption, scontrol requeue) kills "
             "the data loader workers: the run resumes from the last periodic checkpoint instead of the signal's "
             "step (USR2, the time limit's signal, still saves)"),

@@ -1,0 +1,95 @@
+"""speed.lean_zero_step (sftjobs/trainer/lean_zero_step.py) under real DeepSpeed ZeRO-1 on the CPU (gloo, one
+rank): the same losses and gradient norms as DeepSpeed's own step, in bf16 and fp32; a non-finite gradient still
+skips the step; and in bf16 DeepSpeed's per-parameter overflow pass no longer runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.train
+
+REPO = Path(__file__).resolve().parents[1]
+
+SCRIPT = r'''
+import json, os, sys
+import torch, deepspeed
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+lean, dtype = sys.argv[1] == "lean", sys.argv[2]
+if lean:
+    from sftjobs.trainer import lean_zero_step
+    lean_zero_step.install(log=lambda m: print(m, file=sys.stderr))
+scans = []
+stock_scan = DeepSpeedZeroOptimizer.has_overflow_partitioned_grads_serial
+def counted(self):
+    scans.append(1)
+    return stock_scan(self)
+DeepSpeedZeroOptimizer.has_overflow_partitioned_grads_serial = counted
+
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                            torch.nn.Linear(64, 4))
+config = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+          "zero_optimization": {"stage": 1}, "bf16": {"enabled": dtype == "bf16"}}
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=True)
+data = torch.Generator().manual_seed(1)
+out = {"loss": [], "norm": [], "skipped": []}
+for step in range(6):
+    x, y = torch.randn(8, 16, generator=data), torch.randn(8, 4, generator=data)
+    if step == 3:
+        x[0, 0] = float("nan")  # every gradient of this step is non-finite
+    x = x.to(next(engine.module.parameters()).dtype)
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    loss = torch.nn.functional.mse_loss(engine(x).float(), y)
+    engine.backward(loss)
+    engine.step()
+    out["loss"].append(float(loss))
+    out["norm"].append(float(engine.get_global_grad_norm()))
+    out["skipped"].append(all(torch.equal(a, b) for a, b in zip(engine.module.parameters(), before)))
+out["overflow_scans"] = len(scans)
+print("RESULT " + json.dumps(out))
+'''
+
+
+def run(tmp_path, mode: str, dtype: str, port: int) -> dict:
+    pytest.importorskip("deepspeed")
+    script = tmp_path / "zero_step.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": os.pathsep.join(
+               [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.run([sys.executable, str(script), mode, dtype], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if mode == "lean":
+        assert "lean ZeRO step:" in proc.stderr
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def same(a: list[float], b: list[float], tol: float = 1e-5) -> bool:
+    finite = [(x, y) for x, y in zip(a, b, strict=True) if x == x and abs(x) != float("inf")]
+    return len(a) == len(b) and all(abs(x - y) <= tol * max(1.0, abs(y)) for x, y in finite) and \
+        [x == x and abs(x) != float("inf") for x in a] == [y == y and abs(y) != float("inf") for y in b]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_the_lean_step_trains_as_deepspeeds_own_and_still_skips_a_nan(tmp_path, dtype):
+    stock = run(tmp_path, "stock", dtype, 29711 if dtype == "bf16" else 29712)
+    lean = run(tmp_path, "lean", dtype, 29713 if dtype == "bf16" else 29714)
+    assert lean["skipped"] == stock["skipped"] == [False, False, False, True, False, False]
+    assert same(lean["loss"], stock["loss"]), (lean["loss"], stock["loss"])
+    assert same(lean["norm"], stock["norm"]), (lean["norm"], stock["norm"])
+    assert stock["loss"][4] != stock["loss"][2]  # the steps do train
+    if dtype == "bf16":
+        assert stock["overflow_scans"] == 6 and lean["overflow_scans"] == 0
+    else:  # fp32: DeepSpeed has no overflow pass to skip
+        assert stock["overflow_scans"] == lean["overflow_scans"] == 0
