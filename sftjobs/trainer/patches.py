@@ -147,7 +147,9 @@ PATCHES: tuple[Patch, ...] = (
                    "deepspeed.runtime.zero.stage_1_and_2:estimate_zero2_model_states_mem_needs"),
           verified={"transformers": TRANSFORMERS, "deepspeed": DEEPSPEED},
           install="sftjobs.steps.preflight:check_deepspeed_config / estimate_model_states",
-          undo="nothing is assigned; unset_hf_deepspeed_config drops the process-wide config it registers",
+          undo="nothing is assigned; unset_hf_deepspeed_config drops the process-wide config it registers and the "
+               "environment variables TrainingArguments sets (transformers 4: ACCELERATE_USE_DEEPSPEED) are put back "
+               "(preflight._leaving_no_trace)",
           reaches="TrainingArguments.hf_deepspeed_config (an instance attribute)"),
 )
 
