@@ -46,7 +46,22 @@ def _patch_token_count() -> None:
         StepTimer.pending = t if StepTimer.pending is None else StepTimer.pending + t
         StepTimer.trainer = self
 
-    T.Trainer._track_num_input_tokens = _track
+    if hasattr(T.Trainer, "_track_num_input_tokens"):  # transformers 5: the loop's own per-micro-batch hook
+        T.Trainer._track_num_input_tokens = _track
+        return
+    # transformers 4 (4.56.2) has no such hook: its loop counts inline (every position, with a gather and .item()
+    # per micro-batch) when include_num_input_tokens_seen is set. Count in the training step instead (what the
+    # trainer class holds now, sftjobs' patches included) and switch the inline count off (StepTimer.on_train_begin)
+    from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
+
+    step = CustomSeq2SeqTrainer.training_step
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        _track(self, inputs)
+        return step(self, model, inputs, *args, **kwargs)
+
+    CustomSeq2SeqTrainer.training_step = training_step
+    StepTimer.inline_count = False
 
 
 class Phases:
@@ -140,6 +155,7 @@ class StepTimer(TrainerCallback):
     all_tokens = 0
     pending = None  # this rank's [non-padding, all] tokens of the step so far, on the GPU
     trainer = None
+    inline_count = True  # False: the trainer's own inline token count is switched off (transformers 4)
 
     def __init__(self):
         self.rank = int(os.environ.get("RANK", "0"))
@@ -166,6 +182,8 @@ class StepTimer(TrainerCallback):
             json.dump(rec, f)
 
     def on_train_begin(self, args, state, control, **kw):
+        if not StepTimer.inline_count:  # _patch_token_count counts them: not twice
+            args.include_num_input_tokens_seen = False
         self._sync()
         self.rec["t_train_begin"] = time.perf_counter()
         if torch.cuda.is_available():

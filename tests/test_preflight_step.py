@@ -4,6 +4,7 @@ parsers on every rendered config plus the whole step on the CPU demo (train tier
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -229,12 +230,16 @@ def test_deepspeed_accepts_the_rendered_json_once_autos_are_resolved(tmp_path, s
     ds = run_dir / "deepspeed.json"
     assert "auto" in ds.read_text()
     cfg = yaml.safe_load((run_dir / "llamafactory" / "train.yaml").read_text())
+    accelerate_env = {k: v for k, v in os.environ.items() if k.startswith("ACCELERATE_")}
     resolved = preflight.check_deepspeed_config(ds, cfg, hidden_size=896)
     assert resolved["train_micro_batch_size_per_gpu"] == 2
     assert resolved["zero_optimization"]["stage"] == int(stage[1])
     assert "auto" not in json.dumps(resolved)
     assert ("offload_param" in resolved["zero_optimization"]) == (stage == "z3_offload")
     assert not is_deepspeed_zero3_enabled()  # the check leaves no process-wide ZeRO-3 flag behind
+    preflight.check_training_yaml(cfg)  # LLaMA-Factory's parser, with the YAML's deepspeed key
+    # nor variables that processes started later would inherit (transformers 4.56.2 sets ACCELERATE_USE_DEEPSPEED)
+    assert {k: v for k, v in os.environ.items() if k.startswith("ACCELERATE_")} == accelerate_env
 
 
 @pytest.mark.train

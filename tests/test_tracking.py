@@ -236,3 +236,26 @@ def test_preflight_refuses_a_tracking_whose_package_the_node_lacks(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(SftjobsError, match=r"tracking: wandb needs the wandb package.*\.\[track\]"):
         check_tracking_packages({"report_to": ["wandb"]})
+
+
+@pytest.mark.parametrize("version, yaml_text, overrides, expected", [
+    ("4.56.2", "report_to: tensorboard\n", [], ["logging_dir=/r/tensorboard/train"]),
+    ("4.56.2", "report_to: tensorboard\n", ["resume_from_checkpoint=/o/checkpoint-5"],
+     ["logging_dir=/r/tensorboard/train"]),
+    ("5.5.4", "report_to: tensorboard\n", [], []),  # transformers 5 reads TENSORBOARD_LOGGING_DIR itself
+    ("4.56.2", "logging_dir: /mine\n", [], []),  # a YAML written by hand that names its own folder keeps it
+    ("4.56.2", "report_to: tensorboard\n", ["logging_dir=/mine"], []),
+])
+def test_transformers_4_gets_the_tensorboard_folder_as_logging_dir(tmp_path, monkeypatch, version, yaml_text,
+                                                                   overrides, expected):
+    """transformers 4's TensorBoard callback reads TrainingArguments.logging_dir, not TENSORBOARD_LOGGING_DIR (the
+    train tier runs the real one on each version: tests/version_matrix.sh)."""
+    from sftjobs.trainer import entry, patches
+
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml_text)
+    monkeypatch.setattr(patches, "installed_version", lambda package: version)
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", "/r/tensorboard/train")
+    assert entry.tensorboard_logging_dir(str(config), overrides) == expected
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR")
+    assert entry.tensorboard_logging_dir(str(config), overrides) == []

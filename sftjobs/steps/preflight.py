@@ -28,6 +28,7 @@ costs nothing on a login node.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import json
@@ -334,16 +335,33 @@ def _unset_deepspeed_global() -> None:
         pass
 
 
+@contextlib.contextmanager
+def _leaving_no_trace():
+    """Building TrainingArguments for a check leaves process-wide state behind: the DeepSpeed config above and, on
+    transformers 4 (4.56.2), variables in os.environ (ACCELERATE_USE_DEEPSPEED=true whenever a DeepSpeed config is
+    given, ACCELERATE_MIXED_PRECISION, ...). Every process started from this one inherits them: a single-process
+    training then goes through DeepSpeed, which asks for mpi4py to find its ranks, and a torchrun one trains under a
+    DeepSpeed plugin its config never asked for. Both are undone: the environment is left as it was found."""
+    environ = dict(os.environ)
+    try:
+        yield
+    finally:
+        _unset_deepspeed_global()
+        for key in [key for key in os.environ if key not in environ]:
+            del os.environ[key]
+        for key, value in environ.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
+
+
 def parse_training_config(cfg: dict[str, Any], with_deepspeed: bool = True) -> tuple[Any, ...]:
     """(model_args, data_args, training_args, finetuning_args, generating_args) as LLaMA-Factory parses them
     (CPU overrides applied). Raises what the parser raises."""
     cfg = _cpu_overrides(cfg)
     if not with_deepspeed:
         cfg.pop("deepspeed", None)
-    try:
+    with _leaving_no_trace():
         return tuple(_lf_parser().parse_dict(cfg, allow_extra_keys=False))
-    finally:
-        _unset_deepspeed_global()
 
 
 def check_training_yaml(cfg: dict[str, Any]) -> None:
@@ -384,18 +402,17 @@ def check_deepspeed_config(path: str | os.PathLike, cfg: dict[str, Any], hidden_
     args_cfg = {k: cfg[k] for k in ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
                                     "weight_decay", "max_grad_norm", "warmup_ratio") if k in cfg}
     try:
-        args = TrainingArguments(output_dir=tempfile.gettempdir(), deepspeed=str(path), use_cpu=True, bf16=False,
-                                 report_to="none", **args_cfg)
-        hf = args.hf_deepspeed_config
-        # trainer_config_finalize reads the model's hidden_size for the ZeRO-3 bucket "auto"s.
-        model = SimpleNamespace(config=SimpleNamespace(hidden_size=hidden_size, hidden_sizes=None))
-        hf.trainer_config_finalize(args, model, num_training_steps)
-        resolved = copy.deepcopy(hf.config)
+        with _leaving_no_trace():
+            args = TrainingArguments(output_dir=tempfile.gettempdir(), deepspeed=str(path), use_cpu=True, bf16=False,
+                                     report_to="none", **args_cfg)
+            hf = args.hf_deepspeed_config
+            # trainer_config_finalize reads the model's hidden_size for the ZeRO-3 bucket "auto"s.
+            model = SimpleNamespace(config=SimpleNamespace(hidden_size=hidden_size, hidden_sizes=None))
+            hf.trainer_config_finalize(args, model, num_training_steps)
+            resolved = copy.deepcopy(hf.config)
     except (ValueError, TypeError, KeyError, OSError) as exc:
         raise SftjobsError(f"DeepSpeed config {path}: transformers cannot resolve it ({type(exc).__name__}: {exc}); "
                            "render the run again (deepspeed: in the profile picks the template)") from None
-    finally:
-        _unset_deepspeed_global()
     from deepspeed.runtime.config import DeepSpeedConfig
 
     try:

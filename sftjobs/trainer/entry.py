@@ -22,6 +22,8 @@ the YAML and key=value overrides are read by LLaMA-Factory's own parser, unchang
                           share, is split over a pair of GPUs (rank_balance, split_attention; install_split_halves)
   always                  a batch of one unpacked row is not padded to a multiple of 8, so SDPA keeps its causal
                           flash kernel (install_unpadded_single_rows)
+  TENSORBOARD_LOGGING_DIR on transformers 4: passed on as the logging_dir=... override, which is what that version's
+                          TensorBoard callback reads (tensorboard_logging_dir; transformers 5 reads the variable)
   --memory-log PREFIX     every logging step, each rank appends its CUDA allocator numbers to PREFIX-rank<R>.jsonl:
                           memory allocated between steps (model states + anything that leaks), the peak allocated
                           since the last line, and what the caching allocator holds (what nvidia-smi shows)
@@ -475,6 +477,32 @@ def install_cudnn_attention(bucket: int, config: str, overrides: list[str]) -> N
         f"(graphs for every padded length up to {per_sample_attention.CUDNN_MAX_LEN} built at the first forward)")
 
 
+# ----------------------------------------------------------------------------- TensorBoard's folder
+
+
+def tensorboard_logging_dir(config: str, overrides: list[str]) -> list[str]:
+    """tracking: tensorboard on transformers 4. The step script exports TENSORBOARD_LOGGING_DIR (the run directory's
+    tensorboard/<step>: sftjobs.planning.tracking), which transformers 5's TensorBoardCallback reads; transformers 4
+    (4.56.2) reads TrainingArguments.logging_dir instead, whose default is under output_dir. There the folder is
+    passed as a ``logging_dir=`` override, so the rendered YAML stays without the key (transformers 5 deprecates
+    it). Nothing where the variable is unset, on transformers 5, or where the YAML or an override sets logging_dir."""
+    logdir = os.environ.get("TENSORBOARD_LOGGING_DIR")
+    version = patches.installed_version("transformers")
+    if not logdir or version is None or not patches.version_matches(version, ("<5",)):
+        return []
+    import yaml
+
+    if any(item.partition("=")[0].strip() == "logging_dir" for item in overrides):
+        return []
+    if "logging_dir" in (yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}):
+        return []
+    from sftjobs.templating import yaml_scalar
+
+    log(f"tensorboard: logging_dir={logdir} (transformers {version} reads TrainingArguments.logging_dir, not "
+        "TENSORBOARD_LOGGING_DIR)")
+    return [f"logging_dir={yaml_scalar(logdir)}"]
+
+
 # ----------------------------------------------------------------------------- entry
 
 
@@ -557,7 +585,8 @@ def main(argv: list[str] | None = None) -> None:
         callbacks.append(make_memory_callback(opts.memory_log))
     from llamafactory.train.tuner import run_exp
 
-    sys.argv = [sys.argv[0], opts.config, *opts.overrides]  # LLaMA-Factory's read_args() parses sys.argv
+    overrides = [*opts.overrides, *tensorboard_logging_dir(opts.config, opts.overrides)]
+    sys.argv = [sys.argv[0], opts.config, *overrides]  # LLaMA-Factory's read_args() parses sys.argv
     callbacks += load_callbacks(opts.callback)
     run_exp(callbacks=callbacks)
 

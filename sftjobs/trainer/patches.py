@@ -139,9 +139,9 @@ PATCHES: tuple[Patch, ...] = (
     Patch("loader_workers_survive_sigterm", ("signal_save.loader_workers",),
           targets=("transformers.trainer:seed_worker", "transformers:Trainer.get_train_dataloader"),
           replaces=("transformers.trainer:seed_worker",),
-          # 5.5.4: the CPU tiers and the GPU requeue benchmark (4 loader workers). Not 4.56.2: the version matrix of
-          # 2026-12-04 could not run the signal tests there (a single-process train step asked for mpi4py)
-          verified={"transformers": ("==5.5.4",), "torch": TORCH},
+          # 5.5.4: the CPU tiers and the GPU requeue benchmark (4 loader workers). 4.56.2: the signal-save and
+          # tracking train tests (a SIGTERM to every process, loader workers on) with SFTJOBS_UNVERIFIED_PATCHES=1
+          verified={"transformers": ("==4.56.2", "==5.5.4"), "torch": TORCH},
           install="sftjobs.trainer.signal_save:keep_loader_workers_on_sigterm (the Trainer's worker_init_fn ignores "
                   "SIGTERM first: torch's loader workers die of a SIGTERM that is not their parent's, and a "
                   "preemption sends it to every process of the job)",
@@ -161,7 +161,9 @@ PATCHES: tuple[Patch, ...] = (
                    "deepspeed.runtime.zero.stage_1_and_2:estimate_zero2_model_states_mem_needs"),
           verified={"transformers": TRANSFORMERS, "deepspeed": DEEPSPEED},
           install="sftjobs.steps.preflight:check_deepspeed_config / estimate_model_states",
-          undo="nothing is assigned; unset_hf_deepspeed_config drops the process-wide config it registers",
+          undo="nothing is assigned; unset_hf_deepspeed_config drops the process-wide config it registers and the "
+               "environment variables TrainingArguments sets (transformers 4: ACCELERATE_USE_DEEPSPEED) are put back "
+               "(preflight._leaving_no_trace)",
           reaches="TrainingArguments.hf_deepspeed_config (an instance attribute)"),
 )
 
