@@ -137,7 +137,7 @@ def run_states(run_dir: Path, manifest: dict[str, Any], slurm_snapshot: dict[str
         for host in plan.job_hosts():
             names = [s.name for s in plan.job_steps(host) if s.name in states]
             if names and plan.shares_job(host):
-                states.update(steps_in_job(run_dir, names, states))
+                states.update(steps_in_job(run_dir, names, states, host))
     for step, state in states.items():
         if state.state == "UNKNOWN":  # neither squeue nor sacct knows: the step's own record does
             marker = step_marker(run_dir, step)
@@ -151,18 +151,19 @@ def run_states(run_dir: Path, manifest: dict[str, Any], slurm_snapshot: dict[str
 IN_JOB = "InJob"  # the reason of a step waiting inside its running job for the steps before it there
 
 
-def steps_in_job(run_dir: Path, names: list[str], states: dict[str, StepState]) -> dict[str, StepState]:
+def steps_in_job(run_dir: Path, names: list[str], states: dict[str, StepState], host: str | None = None
+                 ) -> dict[str, StepState]:
     """Each step of a job that runs several (the job's state is every step's backend state) gets its own state from
     its record (reports/status/STEP.json, written by the node runtime): COMPLETED and FAILED as recorded, RUNNING
     while it runs, PENDING (reason InJob) while it waits in the job for the steps before it, CANCELLED where an
     earlier step of the job failed; while the job itself waits, every step not yet completed shows the job's wait.
-    A job that ended with no record at all (it died before the runtime started) counts for its first step."""
+    A job that failed with no record at all (it died before the runtime started, e.g. in its launch script) is its
+    host's failure (the step whose job it is: ``host``, else the first)."""
     job = states[names[0]]
     word = job.state.split()[0]
     records = {name: step_marker(run_dir, name) or {} for name in names}
     now = time.time()
     result: dict[str, StepState] = {}
-    blamed = False
     for name in names:
         record = records[name]
         mine = record.get("state")
@@ -189,10 +190,12 @@ def steps_in_job(run_dir: Path, names: list[str], states: dict[str, StepState]) 
             state.state, state.reason = "CANCELLED", record.get("message") or "an earlier step of its job failed"
         elif mine in ("RUNNING", "STOPPED"):  # the job ended under it: its end is this step's (TIMEOUT, CANCELLED ...)
             state.state = job.state if word != "COMPLETED" else "FAILED"
+            state.elapsed = job.elapsed or state.elapsed  # no end of its own was recorded
         elif word == "COMPLETED":  # the runtime ends a job with success only when each of its steps did
             state.state, state.reason = "COMPLETED", ""
-        elif not any(r.get("state") for r in records.values()) and not blamed and word != "CANCELLED":
-            blamed = True  # the job died before any step of it could say so (e.g. at import): its first step
+        elif (not any(r.get("state") for r in records.values()) and word != "CANCELLED"
+              and name == (host if host in names else names[0])):
+            pass  # the job died before any step of it could say so: the job's own state, on its host's row
         else:
             state.state, state.elapsed = "CANCELLED", "0:00"
             state.reason = state.reason if word == "CANCELLED" else f"its job ended {word} before it started"
@@ -208,7 +211,9 @@ def mend_broken_chain(run_dir: Path, manifest: dict[str, Any], states: dict[str,
               and states[s.name].state != "COMPLETED"]
     if not failed:
         return None
-    first = failed[0]
+    # a step that failed, before one cancelled because of it (a job that died at its start: its host failed, the
+    # steps before the host in that job never ran)
+    first = next((n for n in failed if states[n].state.split()[0] != "CANCELLED"), failed[0])
     jobs = manifest.get("jobs", {})
     own = jobs.get(first)  # the steps after it in its own job do not run: the job ends by itself
     victims = [name for name in plan.dependants(first) if name in states and states[name].live and jobs.get(name) != own]
