@@ -182,12 +182,14 @@ def steps_in_job(run_dir: Path, names: list[str], states: dict[str, StepState], 
         elif job.live:  # the job runs
             if mine in ("RUNNING", "STOPPED"):
                 state.state, state.reason = "RUNNING", ""
-            elif mine == "CANCELLED":
+            elif mine == "CANCELLED":  # an earlier step of the job failed: this one never ran
                 state.state, state.reason = "CANCELLED", record.get("message") or ""
+                state.elapsed, state.nodelist = "0:00", ""
             else:
                 state.state, state.reason, state.elapsed = "PENDING", IN_JOB, "0:00"
         elif mine == "CANCELLED":
             state.state, state.reason = "CANCELLED", record.get("message") or "an earlier step of its job failed"
+            state.elapsed, state.nodelist = "0:00", ""
         elif mine in ("RUNNING", "STOPPED"):  # the job ended under it: its end is this step's (TIMEOUT, CANCELLED ...)
             state.state = job.state if word != "COMPLETED" else "FAILED"
             state.elapsed = job.elapsed or state.elapsed  # no end of its own was recorded

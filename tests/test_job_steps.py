@@ -84,6 +84,7 @@ def test_rows_of_a_job_stopped_by_its_preflight(tmp_path):
     result = steps_in_job(run_dir, NAMES, _job("FAILED"))
     assert [result[n].state for n in NAMES] == ["FAILED", "CANCELLED", "CANCELLED"]
     assert result["preflight"].exit_code == "2:0" and "preflight failed in this job" in result["dry_run"].reason
+    assert result["preflight"].where() == "n1" and result["dry_run"].where() == "None assigned"  # it never ran
 
 
 def test_rows_of_a_job_that_ended_under_a_step(tmp_path):
