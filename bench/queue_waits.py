@@ -1,15 +1,18 @@
 """Queue waits of prod's chain on a busy cluster, before and after one change (the Slurm test cluster).
 
-Another user (``sftbench``, made here with ``useradd`` and an association in the cluster's accounting) keeps both
-nodes of the test cluster busy: sleep jobs that each take 7 of a node's 8 GPUs, 6 of its 8 CPUs and 6000M of its
-8000M, submitted whenever fewer than two of them are waiting, each for a duration drawn from a fixed seed, so each
-node frees (its load job ends) at intervals. A job that wants a whole 8-GPU node then waits until the load job on
-one node ends; a job that wants 1 GPU and a little memory fits beside the load. Under that load each tree submits
-prod's chain (``--dry-run-first``, the test cluster's fake GPUs, the tests' stand-in steps that each sleep
-``--step-s`` seconds and train nothing: tests/slurm/fake_step_python.sh of that tree), and this script records:
+Another user (``sftbench``, made here with ``useradd`` and an association in the cluster's accounting) keeps the
+two nodes of the test cluster busy: sleep jobs that each take 7 of a node's 8 GPUs, 6 of its 8 CPUs and 6000M of its
+8000M, two at the start (one per node) and then one every ``--interval-s`` seconds, each for a duration drawn from a
+fixed seed, so nodes free at intervals; they outrank the chain's jobs (as other users' jobs often do under
+fair-share), so a freed node goes to a waiting load job first. A job that wants a whole 8-GPU node waits until a
+node frees with no load job waiting; a job that wants 1 GPU and a little memory fits beside a load job. Under that
+load each tree submits prod's chain (``--dry-run-first``, the test cluster's fake GPUs, the tests' stand-in steps
+that each sleep ``--step-s`` seconds and train nothing: tests/slurm/fake_step_python.sh of that tree), and this
+script records:
 
 - queue waits: the chain's jobs that went PENDING on resources or priority (any reason other than Dependency,
-  BeginTime or None), from squeue polled every second, and the seconds each waited so;
+  BeginTime or None) for 3 s or more (squeue polled every second; a job placed at once shows such a reason for an
+  instant), and the seconds each waited so;
 - seconds from submit to the first training step (the dry run's step starting: its stand-in writes
   fake/dry_run.0.env as it starts), to the full training's start (fake/train.0.env), and to the end of the chain
   (the last job's End in sacct).
@@ -45,6 +48,7 @@ SMALL = ["resources.cpus_per_task=2", "resources.mem=500M", "resources.cpu_step_
          "resources.cpu_step_mem=300M", "resources.time=00:10:00", "resources.cpu_step_time=00:10:00"]
 LOAD_SHAPE = ["--gpus-per-node=7", "--cpus-per-task=6", "--mem=6000M"]
 NOT_A_WAIT = {"Dependency", "BeginTime", "None", ""}
+MIN_WAIT_S = 3.0  # more than the test cluster's scheduler interval (sched_interval=2) and the 1 s polling
 
 
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -61,35 +65,37 @@ def ensure_load_user() -> None:
 
 
 class Load:
-    """Keeps both nodes busy with another user's 7-GPU sleep jobs (at most ``max_jobs`` in all), each lasting a
-    duration from ``rng``, a new one submitted whenever fewer than two wait; stops when told."""
+    """Another user's jobs on a fixed schedule: two at once (one per node), then one every ``interval_s``, each a
+    7-GPU sleep of a duration drawn from ``rng``, at most ``max_jobs``; each outranks the chain's jobs (as other
+    users' jobs do on a shared cluster under fair-share: an administrator's ``scontrol update priority``), so a
+    node that frees goes to a waiting load job first. Stops when told."""
 
-    def __init__(self, seed: int, low_s: int, high_s: int, max_jobs: int):
-        self.rng = random.Random(seed)
-        self.low_s, self.high_s, self.max_jobs = low_s, high_s, max_jobs
+    PRIORITY = 4_294_967_000  # above priority/basic's (about 2**32 - 66,000 for the first job, less for later ones)
+
+    def __init__(self, seed: int, low_s: int, high_s: int, interval_s: float, max_jobs: int):
+        rng = random.Random(seed)
+        self.schedule = [(0.0 if k < 2 else (k - 1) * interval_s, rng.randint(low_s, high_s)) for k in range(max_jobs)]
         self.submitted: list[str] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
-    def _pending(self) -> int:
-        out = run(["squeue", "-h", "-u", LOAD_USER, "-t", "PENDING", "-o", "%i"]).stdout
-        return len(out.split())
-
-    def _submit(self) -> None:
-        seconds = self.rng.randint(self.low_s, self.high_s)
+    def _submit(self, seconds: int) -> None:
         out = run(["runuser", "-u", LOAD_USER, "--", "sbatch", "--parsable", "-A", ACCOUNT, "-J", "load",
                    *LOAD_SHAPE, "-o", "/dev/null", "--wrap", f"sleep {seconds}"], cwd="/tmp")
-        if out.returncode == 0:
-            self.submitted.append(out.stdout.strip())
-        else:
+        if out.returncode != 0:
             raise RuntimeError(f"the load's sbatch failed: {out.stderr.strip()}")
+        job_id = out.stdout.strip()
+        raised = run(["scontrol", "update", f"JobId={job_id}", f"Priority={self.PRIORITY}"])
+        if raised.returncode != 0:
+            raise RuntimeError(f"could not raise the load job's priority: {raised.stderr.strip()}")
+        self.submitted.append(job_id)
 
     def _loop(self) -> None:
-        while not self.stop.is_set() and len(self.submitted) < self.max_jobs:
-            if self._pending() < 2:
-                self._submit()
-                continue
-            self.stop.wait(1.0)
+        started = time.time()
+        for at, seconds in self.schedule:
+            if self.stop.wait(max(0.0, started + at - time.time())):
+                return
+            self._submit(seconds)
 
     def start_and_fill(self) -> None:
         self.thread.start()
@@ -150,9 +156,9 @@ def epoch(text: str) -> float | None:
         return None
 
 
-def measure(label: str, tree: Path, step_s: int, seed: int, load_s: tuple[int, int], max_load: int,
-            timeout_s: int) -> dict:
-    load = Load(seed, *load_s, max_load)
+def measure(label: str, tree: Path, step_s: int, seed: int, load_s: tuple[int, int], interval_s: float,
+            max_load: int, timeout_s: int) -> dict:
+    load = Load(seed, *load_s, interval_s, max_load)
     load.start_and_fill()
     work = Path(tempfile.mkdtemp(prefix=f"queue-waits-{label}-"))
     jobs_dir = work / "jobs"
@@ -193,7 +199,10 @@ def measure(label: str, tree: Path, step_s: int, seed: int, load_s: tuple[int, i
                   for j, steps in by_job.items()}
         return {
             "label": label, "tree": str(tree), "jobs": len(by_job), "whole_node_jobs": whole,
-            "queue_waits": sum(1 for w in waits.values() if w["reasons"]),
+            # a job that waited on resources or priority for longer than the scheduler's pass (Slurm shows the
+            # reason for an instant as it places a job on a free node: that is no wait)
+            "queue_waits": sum(1 for w in waits.values() if w["wait_s"] >= MIN_WAIT_S),
+            "pending_on_resources_at_all": sum(1 for w in waits.values() if w["reasons"]),
             "queue_wait_s": round(sum(w["wait_s"] for w in waits.values()), 1),
             "submit_to_first_training_step_s": round(first_train.stat().st_mtime - submitted, 1)
             if first_train.exists() else None,
@@ -222,6 +231,7 @@ def main() -> int:
     parser.add_argument("--step-s", type=int, default=5, help="seconds each stand-in step sleeps")
     parser.add_argument("--load-s", type=int, nargs=2, default=(20, 60), metavar=("LOW", "HIGH"),
                         help="each load job sleeps a whole number of seconds drawn from [LOW, HIGH]")
+    parser.add_argument("--interval-s", type=float, default=20.0, help="seconds between the load's jobs")
     parser.add_argument("--max-load-jobs", type=int, default=60, help="the load's bound (jobs per measurement)")
     parser.add_argument("--seed", type=int, default=18)
     parser.add_argument("--timeout-s", type=int, default=900)
@@ -232,8 +242,8 @@ def main() -> int:
     results = []
     for round_ in range(args.rounds):
         for label, tree in (("before", args.before.resolve()), ("after", args.after.resolve())):
-            result = measure(label, tree, args.step_s, args.seed + round_, tuple(args.load_s), args.max_load_jobs,
-                             args.timeout_s)
+            result = measure(label, tree, args.step_s, args.seed + round_, tuple(args.load_s), args.interval_s,
+                             args.max_load_jobs, args.timeout_s)
             result["round"] = round_
             print(json.dumps({k: result[k] for k in ("label", "round", "queue_waits", "queue_wait_s",
                                                      "submit_to_first_training_step_s", "submit_to_chain_end_s")}),
@@ -244,7 +254,7 @@ def main() -> int:
         values = [r[key] for r in results if r["label"] == label and r[key] is not None]
         return round(sum(values) / len(values), 1) if values else None
 
-    keys = ("queue_waits", "queue_wait_s", "submit_to_first_training_step_s", "submit_to_full_training_s",
+    keys = ("queue_waits", "pending_on_resources_at_all", "queue_wait_s", "submit_to_first_training_step_s", "submit_to_full_training_s",
             "submit_to_chain_end_s")
     record = {
         "what": "prod's chain (--dry-run-first) on the Slurm test cluster under another user's load",
@@ -252,8 +262,10 @@ def main() -> int:
         "machine": "Slurm 22.05 test cluster (tests/slurm/start-slurm.sh): 2 nodes x 8 fake GPUs, 8 CPUs, 8000M, "
                    "on a 2-core VM",
         "before_commit": commit_of(args.before), "after_commit": commit_of(args.after),
-        "load": {"user": LOAD_USER, "shape": LOAD_SHAPE, "sleep_s": list(args.load_s), "pending_kept": 2,
-                 "max_jobs": args.max_load_jobs, "seed": args.seed},
+        "load": {"user": LOAD_USER, "shape": LOAD_SHAPE, "sleep_s": list(args.load_s), "first": 2,
+                 "interval_s": args.interval_s, "max_jobs": args.max_load_jobs, "seed": args.seed,
+                 "priority": "above the chain's (scontrol update Priority)"},
+        "queue_wait": f"a chain job PENDING on resources or priority for {MIN_WAIT_S:.0f} s or more",
         "chain": {"profile": "prod", "dry_run_first": True, "sets": SMALL, "step_s": args.step_s,
                   "steps": "the tests' stand-ins (tests/slurm/fake_step_python.sh of each tree): no training"},
         "mean": {label: {k: mean(label, k) for k in keys} for label in ("before", "after")},
