@@ -410,8 +410,12 @@ def follow_chain(run_dir: Path, manifest: dict, first: str, raw: bool, chain: bo
         row = next((r for r in rows if r.step == step), None)
         return row, any(r.state.live for r in rows)
 
+    # the steps of one job write one log: it is followed once, while any of them is live
+    logs: dict[Path, list[str]] = {}
     for step in order:
-        path = log_path(run_dir, manifest, step)
+        logs.setdefault(log_path(run_dir, manifest, step), []).append(step)
+    for path, sharing in logs.items():
+        step = sharing[0]
         while True:  # wait for the step to start, or for the chain to end without it
             row, chain_live = state_of(step)
             started = row is not None and row.state.state.split()[0] != "PENDING"
@@ -422,7 +426,12 @@ def follow_chain(run_dir: Path, manifest: dict, first: str, raw: bool, chain: bo
             continue
         print(f"==> {path} <==", file=sys.stderr, flush=True)
         folder = ProgressFolder(tty)
-        for chunk in follow(path, lambda step=step: bool((r := state_of(step)[0]) and r.state.live)):
+
+        def live(sharing=sharing) -> bool:
+            rows, _ = collect([run_dir])
+            return any(r.state.live for r in rows if r.step in sharing)
+
+        for chunk in follow(path, live):
             sys.stdout.write(chunk if raw else folder.feed(chunk))
             sys.stdout.flush()
         if not raw:

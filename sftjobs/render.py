@@ -100,9 +100,11 @@ def render_files(run: PlannedRun) -> dict[str, str]:
     force_torchrun = typed.deepspeed != "none" or typed.resources.world_size > 1
     python = typed.launcher.python or sys.executable
     tracking = tracking_record(typed.tracking, paths.run_dir, run_id, [s.name for s in plan.steps if s.kind == "train"])
-    for step in plan.steps:
+    for host in plan.job_hosts():  # one launch script per job; the steps inside a job share it
+        step = plan.step(host)
+        job_steps = [s.name for s in plan.job_steps(host)]
         files[step.script] = render_template(
-            "step.sh.j2", step=step, run_id=run_id, run_dir=paths.run_dir, setup=list(typed.launcher.setup),
+            "step.sh.j2", step=step, job_steps=job_steps, run_id=run_id, run_dir=paths.run_dir, setup=list(typed.launcher.setup),
             python=python, datasets_cache=paths.datasets_cache, force_torchrun=force_torchrun,
             master_port_base=typed.launcher.master_port_base, tracking=step_tracking(tracking, step.name))
     files["profile.yaml"] = yaml.safe_dump(

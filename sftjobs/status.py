@@ -126,12 +126,18 @@ def step_marker(run_dir: Path, step: str) -> dict[str, Any] | None:
         return None
 
 
-def run_states(run_dir: Path, manifest: dict[str, Any], slurm_snapshot: dict[str, StepState] | None) -> dict[str, StepState]:
+def run_states(run_dir: Path, manifest: dict[str, Any], slurm_snapshot: dict[str, StepState] | None,
+               plan: Plan | None = None) -> dict[str, StepState]:
     jobs = manifest.get("jobs", {})
     if manifest["executor"] == "slurm" and slurm_snapshot is not None:
         states = {step: slurm_snapshot.get(job_id, StepState("UNKNOWN")) for step, job_id in jobs.items()}
     else:
         states = executors.for_manifest(manifest).states(run_dir, jobs)
+    if plan is not None:
+        for host in plan.job_hosts():
+            names = [s.name for s in plan.job_steps(host) if s.name in states]
+            if names and plan.shares_job(host):
+                states.update(steps_in_job(run_dir, names, states, host))
     for step, state in states.items():
         if state.state == "UNKNOWN":  # neither squeue nor sacct knows: the step's own record does
             marker = step_marker(run_dir, step)
@@ -142,6 +148,64 @@ def run_states(run_dir: Path, manifest: dict[str, Any], slurm_snapshot: dict[str
     return states
 
 
+IN_JOB = "InJob"  # the reason of a step waiting inside its running job for the steps before it there
+
+
+def steps_in_job(run_dir: Path, names: list[str], states: dict[str, StepState], host: str | None = None
+                 ) -> dict[str, StepState]:
+    """Each step of a job that runs several (the job's state is every step's backend state) gets its own state from
+    its record (reports/status/STEP.json, written by the node runtime): COMPLETED and FAILED as recorded, RUNNING
+    while it runs, PENDING (reason InJob) while it waits in the job for the steps before it, CANCELLED where an
+    earlier step of the job failed; while the job itself waits, every step not yet completed shows the job's wait.
+    A job that failed with no record at all (it died before the runtime started, e.g. in its launch script) is its
+    host's failure (the step whose job it is: ``host``, else the first)."""
+    job = states[names[0]]
+    word = job.state.split()[0]
+    records = {name: step_marker(run_dir, name) or {} for name in names}
+    now = time.time()
+    result: dict[str, StepState] = {}
+    for name in names:
+        record = records[name]
+        mine = record.get("state")
+        state = StepState(job.state, reason=job.reason, elapsed="0:00", nodes=job.nodes, nodelist=job.nodelist,
+                          exit_code=job.exit_code, restarts=job.restarts, extra=dict(job.extra))
+        if record.get("started"):
+            state.elapsed = squeue_time((record.get("ended") or now) - record["started"]) if mine != "PENDING" else "0:00"
+        code = record.get("exit_code")
+        if mine == "COMPLETED":
+            state.state, state.reason, state.exit_code = "COMPLETED", "", "0:0"
+        elif mine == "FAILED":
+            state.state, state.reason = "FAILED", "NonZeroExitCode"
+            state.exit_code = f"{code}:0" if code is not None else job.exit_code
+        elif word in ("PENDING", "REQUEUED", "CONFIGURING") or (job.live and word != "RUNNING"):
+            state.elapsed = "0:00"  # the job waits (again, after a requeue): so does every step it has not done
+        elif job.live:  # the job runs
+            if mine in ("RUNNING", "STOPPED"):
+                state.state, state.reason = "RUNNING", ""
+            elif mine == "CANCELLED":  # an earlier step of the job failed: this one never ran
+                state.state, state.reason = "CANCELLED", record.get("message") or ""
+                state.elapsed, state.nodelist = "0:00", ""
+            else:
+                state.state, state.reason, state.elapsed = "PENDING", IN_JOB, "0:00"
+        elif mine == "CANCELLED":
+            state.state, state.reason = "CANCELLED", record.get("message") or "an earlier step of its job failed"
+            state.elapsed, state.nodelist = "0:00", ""
+        elif mine in ("RUNNING", "STOPPED"):  # the job ended under it: its end is this step's (TIMEOUT, CANCELLED ...)
+            state.state = job.state if word != "COMPLETED" else "FAILED"
+            state.elapsed = job.elapsed or state.elapsed  # no end of its own was recorded
+        elif word == "COMPLETED":  # the runtime ends a job with success only when each of its steps did
+            state.state, state.reason = "COMPLETED", ""
+        elif (not any(r.get("state") for r in records.values()) and word != "CANCELLED"
+              and name == (host if host in names else names[0])):
+            pass  # the job died before any step of it could say so: the job's own state, on its host's row
+        else:
+            state.state, state.elapsed = "CANCELLED", "0:00"
+            state.reason = state.reason if word == "CANCELLED" else f"its job ended {word} before it started"
+            state.nodelist = ""
+        result[name] = state
+    return result
+
+
 def mend_broken_chain(run_dir: Path, manifest: dict[str, Any], states: dict[str, StepState], plan: Plan) -> str | None:
     """A step that failed leaves its dependants PENDING (DependencyNeverSatisfied) on clusters without
     kill_invalid_depend: cancel them and say which step broke the chain and why."""
@@ -149,8 +213,12 @@ def mend_broken_chain(run_dir: Path, manifest: dict[str, Any], states: dict[str,
               and states[s.name].state != "COMPLETED"]
     if not failed:
         return None
-    first = failed[0]
-    victims = [name for name in plan.dependants(first) if name in states and states[name].live]
+    # a step that failed, before one cancelled because of it (a job that died at its start: its host failed, the
+    # steps before the host in that job never ran)
+    first = next((n for n in failed if states[n].state.split()[0] != "CANCELLED"), failed[0])
+    jobs = manifest.get("jobs", {})
+    own = jobs.get(first)  # the steps after it in its own job do not run: the job ends by itself
+    victims = [name for name in plan.dependants(first) if name in states and states[name].live and jobs.get(name) != own]
     if victims and manifest.get("executor") == "slurm":
         executors.backend("slurm").cancel(run_dir, [manifest["jobs"][v] for v in victims])
         for victim in victims:
@@ -238,9 +306,10 @@ def collect(run_dirs: list[Path]) -> tuple[list[StepRow], list[str]]:
 def run_rows_and_notes(run_dir: Path, manifest: dict[str, Any],
                        snapshot: dict[str, StepState] | None) -> tuple[list[StepRow], list[str], bool]:
     plan_data = read_json(run_dir / "plan.json")
-    states = run_states(run_dir, manifest, snapshot)
+    plan = Plan.from_dict(plan_data)
+    states = run_states(run_dir, manifest, snapshot, plan)
     notes = []
-    broken = mend_broken_chain(run_dir, manifest, states, Plan.from_dict(plan_data))
+    broken = mend_broken_chain(run_dir, manifest, states, plan)
     if broken:
         notes.append(f"run {manifest['run_id']}: {broken}")
     troubles = {s.reason for s in states.values() if "unreachable" in s.reason or "unavailable" in s.reason}
@@ -347,6 +416,11 @@ def run_progress(rows: list[StepRow]) -> str:
 
 
 def log_path(run_dir: Path, manifest: dict[str, Any], step: str) -> Path:
+    """A step's log: its job's (the steps of one job write one log, each line of sftjobs' own tagged with the step)."""
+    try:
+        step = Plan.from_dict(read_json(run_dir / "plan.json")).job_of(step)
+    except (OSError, ValueError, KeyError):
+        pass
     if manifest["executor"] == "slurm":
         job_id = manifest["jobs"].get(step)
         return run_dir / "slurm" / step / f"{job_id}_0_log.out"

@@ -148,7 +148,8 @@ def _submit_locked(p: Prepared) -> dict:
 def resume(run_dir: Path) -> tuple[dict, list[str]]:
     """Resubmit the steps of a run that did not complete; completed steps stay done, training resumes
     from the newest complete checkpoint."""
-    from sftjobs.planning.dag import Step
+    from dataclasses import replace
+
     from sftjobs.status import FINAL_STATES, collect
 
     manifest = read_manifest(run_dir)
@@ -159,13 +160,16 @@ def resume(run_dir: Path) -> tuple[dict, list[str]]:
                            f"wait for them or `sftjobs cancel {manifest['run_id']}` first.")
     done = {r.step for r in rows if r.state.state == "COMPLETED"}
     plan = Plan.from_dict(json.loads((run_dir / "plan.json").read_text()))
+    # a job runs again whole: its completed steps keep their records and are skipped there (preflight runs again:
+    # it checks the node the new job lands on)
+    again = {plan.job_of(s.name) for s in plan.steps if s.name not in done}
     todo = Plan(plan.profile, plan.dry_run_first,
-                [Step(s.name, s.kind, [p for p in s.after if p not in done], s.resources, s.script, s.target)
-                 for s in plan.steps if s.name not in done])
+                [replace(s, after=[p for p in s.after if p not in done or plan.job_of(p) in again])
+                 for s in plan.steps if plan.job_of(s.name) in again])
     if not todo.steps:
         return manifest, []
     backend = executors.for_manifest(manifest, submitting=True)
-    for name in (s.name for s in todo.steps):  # the steps' own records of the earlier attempt
+    for name in (s.name for s in todo.steps if s.name not in done):  # the steps' own records of the earlier attempt
         (run_dir / "reports" / "status" / f"{name}.json").unlink(missing_ok=True)
     new_jobs = backend.submit(todo, run_dir)
     manifest.setdefault("history", []).append({"time": time.time(), "event": "resume",

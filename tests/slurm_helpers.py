@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
 FAKE_PYTHON = HERE / "slurm" / "fake_step_python.sh"
+# the stand-in steps run sftjobs' node runtime with the python that runs the tests (sbatch passes the environment on)
+os.environ.setdefault("SFTJOBS_FAKE_REAL_PYTHON", sys.executable)
+os.environ.setdefault("SFTJOBS_FAKE_STEPS", str(HERE / "slurm" / "fake_steps.py"))
 # Fit the test cluster's nodes (8 CPUs, 8000 MB, 8 fake GPUs each).
 SMALL = ["resources.cpus_per_task=2", "resources.mem=500M", "resources.cpu_step_cpus=1",
          "resources.cpu_step_mem=300M", "resources.time=00:10:00", "resources.cpu_step_time=00:10:00"]

@@ -27,7 +27,8 @@ ITEMS = load("summarize_prod").read_items()
 
 def test_the_items_are_the_ones_behind_the_readmes_numbers():
     assert list(ITEMS) == ["A", "P", "P_nodsfused", "P_fused", "P_compile", "P_zerostock", "fast", "fast_fused",
-                           "fast_zerostock", "chain", "toy", "requeue_save", "data_step", "submit_status"]
+                           "fast_zerostock", "chain", "toy", "requeue_save", "data_step", "submit_status",
+                           "queue_waits"]
     assert all(item["where"] in ("gpu", "chain", "device", "cpu") and item["what"] for item in ITEMS.values())
     for item in ITEMS.values():
         if item["where"] in ("device", "cpu"):

@@ -33,14 +33,15 @@ def test_nodelist_of_finished_cancelled_and_pending_steps(slurm, in_tmp, capsys,
     names = subprocess.run(["squeue", "-h", "-j", ",".join(jobs.values()), "-o", "%i %.8j"], capture_output=True,
                            text=True, check=True).stdout.split()
     shown = dict(zip(names[::2], names[1::2], strict=True))
-    assert len(set(shown.values())) == len(jobs) and shown[jobs["train"]] == f"trn-{run_id[-4:]}"
+    assert len(set(shown.values())) == len(set(jobs.values())) and shown[jobs["train"]] == f"trn-{run_id[-4:]}"
     # while data and model run, the waiting steps show squeue's reason
     wait_until(lambda: states(capsys, run_id)["preflight"] == "PENDING" and states(capsys, run_id)["data"] == "RUNNING",
                60, 1, "data to start")
     where = table_rows(capsys, run_id)
     assert where["preflight"] == where["train"] == "(Dependency)"
     assert where["data"] in ("n1", "n2")
-    # preflight runs after waiting on a dependency (sacct keeps Reason=Dependency); train is cancelled unstarted
+    # preflight runs (in the training job) after waiting on a dependency (sacct keeps Reason=Dependency); the job is
+    # cancelled then: train never starts in it
     wait_until(lambda: states(capsys, run_id)["preflight"] == "RUNNING", 90, 1, "preflight to start")
     subprocess.run(["scancel", jobs["train"]], check=True)
     wait_until(lambda: all_done(capsys, run_id), 120, 2, "the chain to end")
@@ -51,8 +52,8 @@ def test_nodelist_of_finished_cancelled_and_pending_steps(slurm, in_tmp, capsys,
     # the note names the run and says what happened, in words (not "CANCELLED by 0")
     assert main(["status", run_id]) == 0
     out = capsys.readouterr().out
-    assert f"note: run {run_id}: step train was cancelled by {getpass.getuser()} before it started; validate did not " \
-           "run." in out and " by 0" not in out
+    assert f"note: run {run_id}: step preflight was cancelled by {getpass.getuser()} after " in out, out
+    assert "; train, validate did not run." in out and " by 0" not in out
 
 
 def test_failure_note_quotes_the_step_not_submitit(slurm, in_tmp, capsys, monkeypatch):

@@ -114,7 +114,7 @@ def test_status_filters_sentences_and_80_columns(store, tmp_path):
         assert all(len(line) <= 80 for line in out.splitlines()[1:] if not line.startswith("note:")), out
         # the note names its run and reads as a sentence, with what to do next
         note = next(line for line in out.splitlines() if line.startswith("note:"))
-        assert note == (f"note: run {failed}: step preflight failed with exit code 1 (fake failure in preflight); "
+        assert note == (f"note: run {failed}: step preflight failed with exit code 2 (fake failure in preflight); "
                         f"train, validate did not run. `sftjobs logs {failed} preflight` shows its log.")
         # --state with squeue's codes or Slurm's names; --profile; last
         out = run_cli("status", "--state", "F", cwd=c).stdout

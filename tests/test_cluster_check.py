@@ -114,9 +114,9 @@ def test_prod_as_shipped_stops_at_the_cpu_steps_memory():
 
 @pytest.mark.parametrize("sets,words", [
     (["resources.max_gpus_per_node=16", "resources.gpus_per_node=12"],
-     ["step preflight asks for 12 GPUs on a node (resources.gpus_per_node)", "2 nodes with 8 CPUs, 8000M memory, 8 GPUs"]),
-    (["resources.mem=20G"], ["step preflight asks for 20G of memory on a node (resources.mem)", "with 1 GPU and 2 CPUs has that"]),
-    (["resources.cpus_per_task=12", "resources.mem=1G"], ["step preflight asks for 12 CPUs on a node "
+     ["step train asks for 12 GPUs on a node (resources.gpus_per_node)", "2 nodes with 8 CPUs, 8000M memory, 8 GPUs"]),
+    (["resources.mem=20G"], ["step train asks for 20G of memory on a node (resources.mem)", "with 1 GPU and 2 CPUs has that"]),
+    (["resources.cpus_per_task=12", "resources.mem=1G"], ["step train asks for 12 CPUs on a node "
                                                          "(resources.cpus_per_task)", "null takes every CPU"]),
     (["resources.cpu_step_cpus=9", "resources.cpus_per_task=9"], ["step data asks for 9 CPUs on a node "
                                                                   "(resources.cpu_step_cpus)"]),
@@ -127,8 +127,8 @@ def test_prod_as_shipped_stops_at_the_cpu_steps_memory():
       "partition debug (the default; resources.partition is null) has 2 such node(s)", "Lower resources.nodes to 2"]),
     (["resources.partition=short", "resources.cpu_step_time=04:00:00"],
      ["step data asks for --time=04:00:00 (resources.cpu_step_time)", "partition short allows at most 10 minutes"]),
-    (["resources.partition=short", "resources.cpu_step_time=5"],
-     ["step preflight asks for --time=01:00:00 but partition short", "MaxTime is at least 1 hour"]),
+    (["resources.partition=short", "resources.cpu_step_time=5", "resources.time=5"],
+     ["step validate asks for --time=01:00:00 but partition short", "MaxTime is at least 1 hour"]),
     (["resources.partition=gpu"], ["resources.partition 'gpu' is not a partition", "debug, short"]),
 ])
 def test_requests_no_node_can_satisfy_name_the_key(sets, words):
@@ -169,14 +169,15 @@ def test_whole_node_gpu_steps_ask_for_the_node():
     prod = plan("prod", dry_run_first=True)
     for step in prod.steps:
         res = step.resources
-        if step.kind in ("data", "model"):
+        if step.kind in ("data", "model") or step.name == "validate":  # the final validation: one GPU, not the node
             assert not res.exclusive and res.mem == "16G" and res.cpus_per_task == 4
+            assert res.gpus_per_node == (1 if step.name == "validate" else 0)
         else:
             assert res.exclusive and res.mem == "0" and res.cpus_per_task is None, step.name
     # what the profile sets is kept; taking every GPU still takes the node
     sized = plan("prod", "resources.mem=400G", "resources.cpus_per_task=32")
     assert sized.step("train").resources.exclusive and sized.step("train").resources.mem == "400G"
-    assert sized.step("train").resources.cpus_per_task == 32 and sized.step("validate").resources.cpus_per_task == 16
+    assert sized.step("train").resources.cpus_per_task == 32 and sized.step("validate").resources.cpus_per_task == 4
     # part of a node: no --exclusive, and no --mem=0
     part = plan("prod", "resources.gpus_per_node=4")
     assert not part.step("train").resources.exclusive and part.step("train").resources.mem is None

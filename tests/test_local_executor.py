@@ -43,14 +43,20 @@ def test_local_chain_runs_in_order_after_the_submitter_exits(in_tmp, capsys):
     assert psutil.Process(int(runner)).pid == os.getsid(int(runner))
     rows = wait_until(lambda: finished(capsys, run_dir), 60, 0.5, "the local chain")
     assert {r["state"] for r in rows.values()} == {"COMPLETED"}
-    chain = json.loads((run_dir / "local" / "chain.json").read_text())["steps"]
-    order = sorted(chain, key=lambda s: chain[s]["started"])
+    jobs = read_manifest(run_dir)["jobs"]
+    assert jobs["preflight"] == jobs["train"] and len(set(jobs.values())) == 4  # preflight runs in the training job
+    assert [rows[s]["job_id"] for s in rows] == [jobs[s] for s in rows]
+    # each step's own record (the runtime's): in order, each after its parents, the job's two one after the other
+    records = {s: json.loads((run_dir / "reports" / "status" / f"{s}.json").read_text()) for s in rows}
+    order = sorted(records, key=lambda s: records[s]["started"])
     assert order == ["data", "model", "preflight", "train", "validate"]
     for step in order[1:]:
         parents = {"model": [], "preflight": ["data", "model"], "train": ["preflight"], "validate": ["train"]}[step]
         for parent in parents:
-            assert chain[parent]["ended"] <= chain[step]["started"]
-    assert (run_dir / "logs" / "train.log").read_text().startswith("fake step train done")
+            assert records[parent]["ended"] <= records[step]["started"]
+    log = (run_dir / "logs" / "train.log").read_text()  # the training job's log: its preflight, then its training
+    assert log.index("fake step preflight done") < log.index("fake step train done")
+    assert (run_dir / "logs" / "validate.log").read_text().startswith("fake step validate done")
     assert main(["status"]) == 0
     assert capsys.readouterr().out.startswith("no live run among the 1 run in ")  # finished: --all shows it
     assert main(["status", "--all"]) == 0
@@ -63,7 +69,10 @@ def test_local_failure_cancels_dependants(in_tmp, capsys):
     run_dir = submit(in_tmp, env={"FAKE_FAIL_STEP": "preflight"})
     rows = wait_until(lambda: finished(capsys, run_dir), 60, 0.5, "the local chain")
     assert rows["preflight"]["state"] == "FAILED"
-    assert rows["train"]["state"] == "CANCELLED" and "DependencyNeverSatisfied" in rows["train"]["reason"]
+    # train shares preflight's job: it never started there; validate's job was never started
+    assert rows["train"]["state"] == "CANCELLED" and "preflight failed in this job" in rows["train"]["reason"]
+    assert not (run_dir / "fake" / "train.0.env").exists()
+    assert rows["validate"]["state"] == "CANCELLED" and "DependencyNeverSatisfied" in rows["validate"]["reason"]
     assert main(["logs", run_dir.name]) == 0  # defaults to the failed step
     assert "fake failure in preflight" in capsys.readouterr().out
 

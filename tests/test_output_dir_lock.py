@@ -104,7 +104,7 @@ def test_the_train_step_refuses_an_output_dir_another_run_writes(in_tmp):
     out = Path(plan["paths"]["output_dir"])
     holder = hold(out / train.LOCK_NAME, "other-run", 60)
     try:
-        done = subprocess.run([sys.executable, "-m", "sftjobs.steps", "train", "--run-dir", str(in_tmp / "run")],
+        done = subprocess.run([sys.executable, "-m", "sftjobs.steps", "train", "--only", "--run-dir", str(in_tmp / "run")],
                               cwd=in_tmp, capture_output=True, text=True, timeout=120)
     finally:
         holder.send_signal(signal.SIGKILL)

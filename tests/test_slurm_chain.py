@@ -47,10 +47,13 @@ def test_prod_chain_on_fake_8_gpu_nodes(slurm, in_tmp, capsys):
     manifest = submit(capsys, "prod", "--dry-run-first", sets=["resources.cpus_per_task=2"])
     jobs = manifest["jobs"]
     assert list(jobs) == ["data", "model", "preflight", "dry_run", "validate_dry_run", "train", "validate"]
+    # five jobs: preflight and the dry run's validation run inside the dry run's job
+    assert jobs["preflight"] == jobs["dry_run"] == jobs["validate_dry_run"] and len(set(jobs.values())) == 5
     # dependencies as Slurm sees them, while the chain is queued
-    pre = scontrol_job(jobs["preflight"])
+    pre = scontrol_job(jobs["dry_run"])
     assert jobs["data"] in pre["Dependency"] and jobs["model"] in pre["Dependency"] and "afterok" in pre["Dependency"]
-    assert "afterok:" + jobs["validate_dry_run"] in scontrol_job(jobs["train"])["Dependency"]
+    assert "afterok:" + jobs["dry_run"] in scontrol_job(jobs["train"])["Dependency"]
+    assert "afterok:" + jobs["train"] in scontrol_job(jobs["validate"])["Dependency"]
     train = scontrol_job(jobs["train"])
     assert "gres/gpu=8" in train["TRES"] or "gres/gpu:8" in train.get("TresPerNode", "")
     assert train["NumNodes"].split("-")[0] == "1"
@@ -111,22 +114,24 @@ def test_failing_step_cancels_the_rest_and_status_says_why(slurm, in_tmp, capsys
 def test_status_cancels_a_chain_left_pending_by_a_killed_step(slurm, in_tmp, capsys):
     # the stand-in step fails without sftjobs' own handler: its dependants sit DependencyNeverSatisfied
     # (this cluster has no kill_invalid_depend) until status notices and cancels them
-    os.environ["FAKE_FAIL_STEP"] = "preflight"
+    os.environ["FAKE_KILL_JOB"] = "train"  # toy's training job (preflight, then train) dies before sftjobs starts
     try:
         manifest = submit(capsys, "toy")
     finally:
-        del os.environ["FAKE_FAIL_STEP"]
+        del os.environ["FAKE_KILL_JOB"]
     jobs = manifest["jobs"]
-    wait_until(lambda: "DependencyNeverSatisfied" in scontrol_job(jobs["train"]).get("Reason", ""), 120, 2,
-               "train to become DependencyNeverSatisfied")
+    wait_until(lambda: "DependencyNeverSatisfied" in scontrol_job(jobs["validate"]).get("Reason", ""), 120, 2,
+               "validate to become DependencyNeverSatisfied")
     report = status_json(capsys, manifest["run_id"])
-    assert any("step preflight failed" in n and "train, validate did not run" in n for n in report["notes"]), report["notes"]
+    assert any("step train failed with exit code 1 (fake crash of job train); validate did not run" in n
+               for n in report["notes"]), report["notes"]
+    by_step = {row["step"]: row for row in report["steps"]}
+    assert by_step["preflight"]["state"] == "CANCELLED"  # its job died before it could run
     wait_until(lambda: scontrol_job(jobs["validate"])["JobState"] == "CANCELLED", 30, 1, "validate cancelled")
-    assert scontrol_job(jobs["train"])["JobState"] == "CANCELLED"
 
 
 def test_sbatch_refusal_midway_cancels_what_was_queued(slurm, in_tmp, capsys, monkeypatch, tmp_path):
-    # data and model ask for no GPU and are queued; preflight asks for 12 GPUs on 8-GPU nodes and is refused.
+    # data and model ask for no GPU and are queued; the training job asks for 12 GPUs on 8-GPU nodes and is refused.
     # submit's own check (tests/test_slurm_nodes.py) refuses that before queueing; this is the net behind it,
     # for what sinfo cannot tell: here sinfo fails, so sbatch is the only judge.
     fake_bin = tmp_path / "bin"
@@ -140,7 +145,7 @@ def test_sbatch_refusal_midway_cancels_what_was_queued(slurm, in_tmp, capsys, mo
         args += ["--set", item]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "sbatch refused step preflight" in err and "cancelled the 2 job(s)" in err
+    assert "sbatch refused step train" in err and "cancelled the 2 job(s)" in err
     ids = err.split("already queued (")[1].split(")")[0].split(", ")
     for job_id in ids:
         wait_until(lambda j=job_id: sacct_field(j, "State").startswith("CANCELLED"), 30, 1, f"job {job_id} cancelled")
@@ -174,7 +179,7 @@ def test_preview_prints_the_exact_sbatch_scripts(slurm, in_tmp, capsys):
     assert main(["submit", "prod", "--dry-run-first", "--executor", "slurm", "--preview",
                  "--set", "resources.cpu_step_mem=4G"]) == 0
     out = capsys.readouterr().out
-    assert out.count("#!/bin/bash") == 7
+    assert out.count("#!/bin/bash") == 5  # data, model, dry run (+ preflight, validation), train, validate
     assert "#SBATCH --dependency=afterok:DATA_JOBID:MODEL_JOBID" in out
     assert "#SBATCH --gpus-per-node=8" in out and "#SBATCH --signal=USR2@300" in out
     assert not Path(os.environ["SFTJOBS_JOBS_DIR"]).exists(), "a preview submits and writes nothing"

@@ -60,13 +60,13 @@ def test_prod_as_shipped_stops_before_queueing_naming_the_key(slurm, in_tmp, cap
 def test_gpu_count_no_node_has_is_refused_with_nothing_queued(slurm, in_tmp, capsys):
     err = refused(capsys, in_tmp, "toy", "resources.max_gpus_per_node=16", "resources.gpus_per_node=12",
                   "resources.cpu_step_mem=300M", "resources.mem=500M", "resources.cpus_per_task=2")
-    assert "step preflight asks for 12 GPUs on a node (resources.gpus_per_node)" in err and "8 GPUs" in err
+    assert "step train asks for 12 GPUs on a node (resources.gpus_per_node)" in err and "8 GPUs" in err
 
 
 def test_memory_no_node_has_is_refused_with_nothing_queued(slurm, in_tmp, capsys):
     err = refused(capsys, in_tmp, "toy", "resources.mem=9000M", "resources.cpu_step_mem=300M",
                   "resources.cpus_per_task=2")
-    assert "step preflight asks for 9000M of memory on a node (resources.mem)" in err and "8000M memory" in err
+    assert "step train asks for 9000M of memory on a node (resources.mem)" in err and "8000M memory" in err
 
 
 def test_cpus_and_constraint_no_node_has_are_refused(slurm, in_tmp, capsys):
@@ -96,11 +96,14 @@ def test_prod_whole_node_steps_run_on_the_small_nodes(slurm, in_tmp, capsys):
 
 def check_whole_node_chain(capsys, manifest):
     jobs = manifest["jobs"]
-    for step in ("preflight", "train", "validate"):
+    for step in ("preflight", "train"):  # the training job, preflight inside it
         job = scontrol_job(jobs[step])
         assert job["OverSubscribe"] == "NO", (step, job["OverSubscribe"])  # --exclusive
         assert job["MinMemoryNode"] == "0", (step, job["MinMemoryNode"])  # --mem=0
         assert "gpu:8" in job.get("TresPerNode", ""), job.get("TresPerNode")
+    validate = scontrol_job(jobs["validate"])  # one GPU, the CPU steps' size: never the whole node
+    assert validate["OverSubscribe"] == "OK" and validate["MinMemoryNode"] == "300M", validate
+    assert "gpu:1" in validate.get("TresPerNode", ""), validate.get("TresPerNode")
     data = scontrol_job(jobs["data"])
     assert data["OverSubscribe"] == "OK" and data["MinMemoryNode"] == "300M"
     final = wait_until(lambda: all_done(capsys, manifest["run_id"]), 240, 2, "the chain to finish")

@@ -178,7 +178,7 @@ def test_each_tracking_renders_its_report_to_and_exports(tmp_path, tracking):
             assert "export WANDB_RESUME=allow" in script and "export WANDB_MODE" not in script
         if tracking == "tensorboard":
             assert f"export TENSORBOARD_LOGGING_DIR={run}/tensorboard/{step}\n" in script
-    for step in ("data", "model", "preflight", "validate"):  # steps that train nothing never log anywhere
+    for step in ("data", "model", "validate"):  # jobs that train nothing never log anywhere (preflight: in train's)
         assert "export WANDB_DISABLED=true" in (run / "steps" / f"{step}.sh").read_text()
     subprocess.run(["bash", "-n", str(run / "steps" / "train.sh")], check=True)
 

@@ -44,7 +44,8 @@ def duration_seconds(text: str) -> int | None:
 
 @dataclass
 class Request:
-    """What one step is sent as: the exact text the backend submits and the parents it waits for."""
+    """What one job is sent as: the exact text the backend submits and the jobs it waits for (each named by its
+    first step, the step whose launch script runs the job)."""
 
     step: str
     after: list[str]
@@ -108,10 +109,14 @@ class Executor(abc.ABC):
         """Cancel these jobs (already finished ones are ignored)."""
 
     def preview(self, plan: Plan, run_dir: Path) -> str:
-        lines = [f"# executor: {self.name}", "# dependency graph (afterok):"]
-        for step in plan.steps:
-            parents = ", ".join(step.after) or "-"
-            lines.append(f"#   {step.name:<17} <- {parents}")
+        lines = [f"# executor: {self.name}", "# jobs and their dependencies (afterok); a job runs its steps in order:"]
+        for host in plan.job_hosts():
+            parents = ", ".join(plan.job_after(host)) or "-"
+            steps = [s.name for s in plan.job_steps(host)]
+            if plan.step(host).preflight:
+                steps.insert(steps.index(host), "its node's pre-flight checks")
+            runs = f"  runs {', '.join(steps)}" if len(steps) > 1 else ""
+            lines.append(f"#   {host:<17} <- {parents}{runs}".rstrip())
         for request in self.prepare(plan, run_dir):
             lines += ["", f"# ===== step {request.step} =====", request.text.rstrip()]
         return "\n".join(lines) + "\n"

@@ -58,29 +58,38 @@ def step_log(run_dir: Path, step: str) -> Path:
 
 
 class ChainRunner:
-    """Runs a plan's steps in order; a failed step cancels everything downstream (DependencyNeverSatisfied)."""
+    """Runs a plan's jobs in order; a failed job cancels everything downstream (DependencyNeverSatisfied). A job
+    that runs several steps keeps one state for all of them here, as Slurm does for a job; status reads each step's
+    own record for its row."""
 
     def __init__(self, plan: Plan, run_dir: Path, invoke: Callable[[Step, Path], int]):
         self.plan, self.run_dir, self.invoke = plan, run_dir, invoke
         self.state = ChainState(run_dir)
 
+    def update(self, host: str, **fields) -> None:
+        data = self.state.read()
+        for step in self.plan.job_steps(host):
+            data["steps"][step.name].update(fields)
+        self.state.write(data)
+
     def run(self) -> bool:
-        for step in self.plan.steps:
+        for host in self.plan.job_hosts():
+            step = self.plan.step(host)
             steps = self.state.read()["steps"]
-            if steps[step.name]["state"] != "PENDING":
+            if steps[host]["state"] != "PENDING":
                 continue  # cancelled meanwhile
-            broken = [p for p in step.after if p in steps and steps[p]["state"] != "COMPLETED"]
+            broken = [p for p in self.plan.job_after(host) if p in steps and steps[p]["state"] != "COMPLETED"]
             if broken:
-                self.state.update(step.name, state="CANCELLED", ended=time.time(),
-                                  reason=f"DependencyNeverSatisfied ({broken[0]} {steps[broken[0]]['state']})")
+                self.update(host, state="CANCELLED", ended=time.time(),
+                            reason=f"DependencyNeverSatisfied ({broken[0]} {steps[broken[0]]['state']})")
                 continue
-            self.state.update(step.name, state="RUNNING", reason="", started=time.time(), pid=os.getpid())
+            self.update(host, state="RUNNING", reason="", started=time.time(), pid=os.getpid())
             code = self.invoke(step, self.run_dir)
-            current = self.state.read()["steps"][step.name]["state"]
+            current = self.state.read()["steps"][host]["state"]
             if current == "CANCELLED":
                 continue
-            self.state.update(step.name, state="COMPLETED" if code == 0 else "FAILED", exit_code=f"{code}:0",
-                              ended=time.time(), reason="" if code == 0 else "NonZeroExitCode")
+            self.update(host, state="COMPLETED" if code == 0 else "FAILED", exit_code=f"{code}:0",
+                        ended=time.time(), reason="" if code == 0 else "NonZeroExitCode")
         return all(s["state"] == "COMPLETED" for s in self.state.read()["steps"].values())
 
 
@@ -111,9 +120,9 @@ class LocalExecutor(Executor):
     name = "local"
 
     def prepare(self, plan: Plan, run_dir: Path) -> list[Request]:
-        return [Request(s.name, s.after, f"bash {shlex.quote(str(run_dir / s.script))}  > "
-                                         f"{shlex.quote(str(step_log(run_dir, s.name)))} 2>&1")
-                for s in plan.steps]
+        return [Request(h, plan.job_after(h), f"bash {shlex.quote(str(run_dir / plan.step(h).script))}  > "
+                                              f"{shlex.quote(str(step_log(run_dir, h)))} 2>&1")
+                for h in plan.job_hosts()]
 
     def submit(self, plan: Plan, run_dir: Path) -> dict[str, str]:
         state = ChainState(run_dir)
@@ -126,7 +135,7 @@ class LocalExecutor(Executor):
         data = state.read()
         data["runner_pid"] = runner.pid
         state.write(data)
-        return {s.name: f"{runner.pid}.{i}" for i, s in enumerate(plan.steps)}
+        return job_ids(plan, runner.pid)
 
     def states(self, run_dir: Path, jobs: dict[str, str]) -> dict[str, StepState]:
         data = ChainState(run_dir).read()
@@ -162,8 +171,8 @@ class DebugExecutor(LocalExecutor):
     name = "debug"
 
     def prepare(self, plan: Plan, run_dir: Path) -> list[Request]:
-        return [Request(s.name, s.after, f"in-process: sftjobs.steps {s.name} --run-dir {shlex.quote(str(run_dir))}")
-                for s in plan.steps]
+        return [Request(h, plan.job_after(h), f"in-process: sftjobs.steps {h} --run-dir {shlex.quote(str(run_dir))}")
+                for h in plan.job_hosts()]
 
     def submit(self, plan: Plan, run_dir: Path) -> dict[str, str]:
         from sftjobs.node.runtime import main as step_main
@@ -171,7 +180,13 @@ class DebugExecutor(LocalExecutor):
         state = ChainState(run_dir)
         state.write(initial_state(plan, os.getpid()))
         ChainRunner(plan, run_dir, lambda step, rd: step_main([step.name, "--run-dir", str(rd)])).run()
-        return {s.name: f"{os.getpid()}.{i}" for i, s in enumerate(plan.steps)}
+        return job_ids(plan, os.getpid())
+
+
+def job_ids(plan: Plan, pid: int) -> dict[str, str]:
+    """step -> "PID.N", N the job's place in the chain: the steps of one job share its id, as on Slurm."""
+    number = {host: i for i, host in enumerate(plan.job_hosts())}
+    return {s.name: f"{pid}.{number[plan.job_of(s.name)]}" for s in plan.steps}
 
 
 SLOT_DIR = Path(tempfile.gettempdir()) / f"sftjobs-{os.getuid()}-local-slots"

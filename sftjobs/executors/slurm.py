@@ -122,11 +122,12 @@ class SlurmExecutor(Executor):
 
     def prepare(self, plan: Plan, run_dir: Path) -> list[Request]:
         requests = []
-        for step in plan.steps:
-            placeholders = [f"{parent.upper()}_JOBID" for parent in step.after]
-            executor = self._executor(run_dir, step, placeholders)
+        for host in plan.job_hosts():  # one sbatch job per job: its steps run in it one after another
+            after = plan.job_after(host)
+            placeholders = [f"{parent.upper()}_JOBID" for parent in after]
+            executor = self._executor(run_dir, plan.step(host), placeholders)
             text = executor._make_submission_file_text(executor._submitit_command_str, "preview")
-            requests.append(Request(step.name, step.after, text))
+            requests.append(Request(host, after, text))
         return requests
 
     def limits_for(self, step: Step) -> PartitionLimits | None:
@@ -150,23 +151,28 @@ class SlurmExecutor(Executor):
         self.check_run_dir(run_dir)  # what the profile and paths decide first, then the cluster
         self.check(plan)
         job_ids: dict[str, str] = {}
-        for step in plan.steps:
-            executor = self._executor(run_dir, step, [job_ids[p] for p in step.after])
+        for host in plan.job_hosts():
+            step = plan.step(host)
+            members = plan.job_steps(host)
+            executor = self._executor(run_dir, step, [job_ids[p] for p in plan.job_after(host)])
             from sftjobs.executors.slurm_job import StepCommand
 
-            command = StepCommand(str(run_dir / step.script), step.name, resumable=step.kind == "train",
+            command = StepCommand(str(run_dir / step.script), step.name,
+                                  resumable=any(m.kind == "train" for m in members),
                                   signal_delay_s=step.resources.signal_delay_s)
             try:
                 job = executor.submit(command)
             except Exception as exc:  # sbatch refused (bad partition, account, limits, ...)
-                self.cancel(run_dir, list(job_ids.values()))
+                queued = list(dict.fromkeys(job_ids.values()))
+                self.cancel(run_dir, queued)
                 detail = str(exc).strip().splitlines()
                 why = next((line for line in detail if "sbatch: error" in line), detail[-1] if detail else repr(exc))
-                done = f"; cancelled the {len(job_ids)} job(s) already queued ({', '.join(job_ids.values())})" if job_ids else ""
+                done = f"; cancelled the {len(queued)} job(s) already queued ({', '.join(queued)})" if queued else ""
                 raise SftjobsError(f"sbatch refused step {step.name}: {why.strip()}{done}. "
                                    "Check resources.partition / account / qos / time in the profile.") from None
-            job_ids[step.name] = str(job.job_id)
-        return job_ids
+            for member in members:  # every step of the job is tracked by the job's id
+                job_ids[member.name] = str(job.job_id)
+        return {s.name: job_ids[s.name] for s in plan.steps}
 
     def states(self, run_dir: Path, jobs: dict[str, str]) -> dict[str, StepState]:
         snapshot = self.snapshot(list(jobs.values()))
@@ -200,6 +206,7 @@ class SlurmExecutor(Executor):
         return result
 
     def cancel(self, run_dir: Path, job_ids: list[str]) -> None:
+        job_ids = list(dict.fromkeys(job_ids))  # steps of one job share its id
         if job_ids:
             subprocess.run(["scancel", *job_ids], check=False, capture_output=True, timeout=60)
 

@@ -260,8 +260,9 @@ def check_step(step: Step, cluster: Cluster) -> str | None:
 
 
 def check_plan(plan: Plan, cluster: Cluster) -> str:
-    """Raise SftjobsError for the first step no node can take; else a one-line summary of what was checked."""
-    for step in plan.steps:
+    """Raise SftjobsError for the first job no node can take; else a one-line summary of what was checked. A job is
+    named by its first step (the steps inside another step's job ask for nothing of their own)."""
+    for step in (plan.step(host) for host in plan.job_hosts()):
         problem = check_step(step, cluster)
         if problem:
             raise SftjobsError(problem + " Nothing was queued.")

@@ -36,8 +36,13 @@ class Step:
     kind: str            # what runs: data | model | preflight | train | validate
     after: list[str]     # afterok parents
     resources: Resources
-    script: str          # launch script, relative to the run directory
+    script: str          # launch script, relative to the run directory (a step inside another's job: that job's)
     target: str | None = None  # the training config a train/validate step works on (full | dry_run)
+    # The step whose Slurm (or local) job runs this one, on that job's node and in order after the steps before it
+    # there (None: a job of its own). Preflight and the dry run's validation run inside the GPU training job, so the
+    # chain waits for an 8-GPU node once per training, not five times, and preflight checks the node that trains.
+    job: str | None = None
+    preflight: bool = False  # a train step that checks its node first (its job holds no preflight step of its own)
 
 
 @dataclass
@@ -59,6 +64,37 @@ class Plan:
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
         steps = [Step(**{**s, "resources": Resources(**s["resources"])}) for s in data["steps"]]
         return cls(profile=data["profile"], dry_run_first=data["dry_run_first"], steps=steps)
+
+    def job_of(self, name: str) -> str:
+        """The step whose job runs ``name`` (the job's first-named step, its host)."""
+        return self.step(name).job or name
+
+    def job_hosts(self) -> list[str]:
+        """One name per job, in the order the jobs are queued (a job after the jobs it waits on)."""
+        hosts: list[str] = []
+        for step in self.steps:
+            if step.job is None and step.name not in hosts:
+                hosts.append(step.name)
+        return sorted(hosts, key=lambda h: min(i for i, s in enumerate(self.steps) if (s.job or s.name) == h))
+
+    def job_steps(self, host: str) -> list[Step]:
+        """The steps one job runs, in the order it runs them."""
+        return [s for s in self.steps if (s.job or s.name) == host]
+
+    def job_after(self, host: str) -> list[str]:
+        """The jobs (by host) this job waits on with afterok: its steps' parents outside the job."""
+        parents: list[str] = []
+        for step in self.job_steps(host):
+            for parent in step.after:
+                other = self.job_of(parent)
+                if other != host and other not in parents:
+                    parents.append(other)
+        return parents
+
+    def shares_job(self, name: str) -> bool:
+        """Whether a step's job runs more than this step (its row's state comes from the step's own record)."""
+        host = self.job_of(name)
+        return len(self.job_steps(host)) > 1 or self.step(host).preflight
 
     def dependants(self, name: str) -> list[str]:
         """Every step that (transitively) waits on ``name``, in plan order."""
@@ -85,27 +121,33 @@ def build_plan(profile: Profile, dry_run_first: bool = False) -> Plan:
     gpu_mem = res["mem"] if res["mem"] is not None or not whole else "0"
     train = Resources(nodes=res["nodes"], gpus_per_node=gpus, cpus_per_task=cpus, mem=gpu_mem,
                       time=_time(res["time"]), exclusive=whole, **shared)
-    # Checks and validation need the node's GPUs (visibility, memory, inference) but one node and short.
-    one_node = Resources(nodes=1, gpus_per_node=gpus, cpus_per_task=None if cpus is None else min(cpus, 16),
-                         mem=gpu_mem, time="01:00:00", exclusive=whole, **shared)
+    # The final validation is inference of one model: one GPU (when training has any), the CPU steps' CPUs and
+    # memory, never the whole node (a job of its own, so the node's other GPUs are free for others meanwhile).
+    one_gpu = Resources(nodes=1, gpus_per_node=min(gpus, 1), cpus_per_task=cpu.cpus_per_task, mem=res["cpu_step_mem"],
+                        time="01:00:00", **shared)
 
+    # Jobs (afterok between them): data, model, [dry run], train, validate. The first GPU job runs preflight on
+    # its own node before it trains; with --dry-run-first it also validates the dry run after training, and the
+    # full training's job checks its own node again first (step.preflight) - a requeued job checks its new node.
+    first = "dry_run" if dry_run_first else "train"
     steps = [
         Step("data", "data", [], cpu, "steps/data.sh"),
         Step("model", "model", [], cpu, "steps/model.sh"),
-        Step("preflight", "preflight", ["data", "model"], one_node, "steps/preflight.sh"),
+        Step("preflight", "preflight", ["data", "model"], train, f"steps/{first}.sh", job=first),
     ]
     gate = "preflight"
     if dry_run_first:
         steps += [
             Step("dry_run", "train", ["preflight"], train, "steps/dry_run.sh", target="dry_run"),
-            Step("validate_dry_run", "validate", ["dry_run"], one_node, "steps/validate_dry_run.sh", target="dry_run"),
+            Step("validate_dry_run", "validate", ["dry_run"], train, "steps/dry_run.sh", target="dry_run",
+                 job="dry_run"),
         ]
         gate = "validate_dry_run"
     steps += [
-        Step("train", "train", [gate], train, "steps/train.sh", target="full"),
-        Step("validate", "validate", ["train"], one_node, "steps/validate.sh", target="full"),
+        Step("train", "train", [gate], train, "steps/train.sh", target="full", preflight=dry_run_first),
+        Step("validate", "validate", ["train"], one_gpu, "steps/validate.sh", target="full"),
     ]
-    steps = [Step(s.name, s.kind, s.after, replace(s.resources), s.script, s.target) for s in steps]  # own copies
+    steps = [replace(s, resources=replace(s.resources)) for s in steps]  # own copies
     _add_mail(steps, res["mail_type"], res["mail_user"])
     return Plan(profile=profile.name, dry_run_first=dry_run_first, steps=steps)
 
@@ -130,8 +172,9 @@ def resource_keys(step: Step) -> dict[str, str]:
     """The profile keys behind a step's CPUs, memory and time (named in the errors the cluster check gives)."""
     if step.kind in ("data", "model"):
         return {"cpus": "resources.cpu_step_cpus", "mem": "resources.cpu_step_mem", "time": "resources.cpu_step_time"}
-    time = "resources.time" if step.kind == "train" else ""  # preflight and validate: a fixed hour
-    return {"cpus": "resources.cpus_per_task", "mem": "resources.mem", "time": time}
+    if step.job is None and step.kind == "validate":  # the final validation: one GPU, the CPU steps' size, an hour
+        return {"cpus": "resources.cpu_step_cpus", "mem": "resources.cpu_step_mem", "time": ""}
+    return {"cpus": "resources.cpus_per_task", "mem": "resources.mem", "time": "resources.time"}  # a training job
 
 
 def _time(value: str | int | None) -> str | None:

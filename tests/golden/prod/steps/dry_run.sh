@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # sftjobs step "dry_run" (train) of run golden.
 # Generated from templates/step.sh.j2: runs on the node from the run directory alone.
+# One job, its steps in order on this job's node: preflight, dry_run, validate_dry_run.
 set -euo pipefail
 cd /RUN
 umask 022

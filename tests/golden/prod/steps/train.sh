@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # sftjobs step "train" (train) of run golden.
 # Generated from templates/step.sh.j2: runs on the node from the run directory alone.
+# The pre-flight checks run first, on this job's node, before it trains.
 set -euo pipefail
 cd /RUN
 umask 022

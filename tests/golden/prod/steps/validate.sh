@@ -10,6 +10,6 @@ export WANDB_DISABLED=true
 export HF_DATASETS_CACHE=/BASE/data/.hf_datasets_cache
 # Outside Slurm (local executor) use exactly the GPUs the profile asks for, unless the user chose them.
 if [ -z "${SLURM_JOB_ID:-}" ] && [ -z "${CUDA_VISIBLE_DEVICES+set}" ]; then
-  export CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7
+  export CUDA_VISIBLE_DEVICES=0
 fi
 exec /usr/bin/python3 -m sftjobs.steps validate --run-dir /RUN
