@@ -19,9 +19,6 @@ The same losses and gradient norms as stock: tests/test_lean_zero_step.py (real 
 
 from __future__ import annotations
 
-TARGET = "deepspeed.runtime.zero.stage_1_and_2:DeepSpeedZeroOptimizer"
-
-
 def install(log=print) -> None:
     import torch
     from deepspeed.runtime.constants import PIPE_REPLICATED
