@@ -19,6 +19,7 @@ The same losses and gradient norms as stock: tests/test_lean_zero_step.py (real 
 
 from __future__ import annotations
 
+
 def install(log=print) -> None:
     import torch
     from deepspeed.runtime.constants import PIPE_REPLICATED
