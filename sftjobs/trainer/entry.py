@@ -496,11 +496,9 @@ def tensorboard_logging_dir(config: str, overrides: list[str]) -> list[str]:
         return []
     if "logging_dir" in (yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}):
         return []
-    from sftjobs.templating import yaml_scalar
-
     log(f"tensorboard: logging_dir={logdir} (transformers {version} reads TrainingArguments.logging_dir, not "
         "TENSORBOARD_LOGGING_DIR)")
-    return [f"logging_dir={yaml_scalar(logdir)}"]
+    return [f"logging_dir={logdir}"]  # key=value as LLaMA-Factory reads its command line
 
 
 # ----------------------------------------------------------------------------- entry
