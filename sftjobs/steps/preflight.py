@@ -347,11 +347,9 @@ def _leaving_no_trace():
         yield
     finally:
         _unset_deepspeed_global()
-        for key in [key for key in os.environ if key not in environ]:
-            del os.environ[key]
-        for key, value in environ.items():
-            if os.environ.get(key) != value:
-                os.environ[key] = value
+        if dict(os.environ) != environ:
+            os.environ.clear()
+            os.environ.update(environ)
 
 
 def parse_training_config(cfg: dict[str, Any], with_deepspeed: bool = True) -> tuple[Any, ...]:
