@@ -20,6 +20,7 @@ from tests.test_slurm_chain import all_done
 
 pytestmark = [pytest.mark.slurm, pytest.mark.train]
 TIME_LIMIT_STEPS = 12000
+REQUEUE_STEPS = 3000
 CPU_JOBS = ["resources.mem=3G", "resources.cpu_step_mem=2G", "train.num_train_epochs=4.0"]
 
 
@@ -58,12 +59,16 @@ def restarts(job_id: str) -> int:
     return int(scontrol_job(job_id).get("Restarts", "0") or 0)
 
 
-def checkpoint_done(output_dir: Path, step: int) -> bool:
-    return (output_dir / f"checkpoint-{step}" / "trainer_state.json").is_file()
+def complete_checkpoints(output_dir: Path) -> list[str]:
+    return sorted(p.parent.name for p in output_dir.glob("checkpoint-*/trainer_state.json"))
 
 
 def test_requeued_training_resumes_and_the_dry_run_sets_the_time_limit(slurm, in_tmp, capsys):
-    run_dir, manifest = submit_demo(capsys, "--dry-run-first", sets=["resources.time=null"])
+    # 3000 steps (the demo trains 45-400 steps/s on this CPU): the requeue always lands mid-training, never after
+    # the training completed (a relaunch then only skips the completed step, and nothing resumes)
+    run_dir, manifest = submit_demo(capsys, "--dry-run-first",
+                                    sets=["resources.time=null", f"train.max_steps={REQUEUE_STEPS}",
+                                          "train.save_total_limit=2"])
     jobs = manifest["jobs"]
     output_dir = Path(json.loads((run_dir / "plan.json").read_text())["paths"]["output_dir"])
     # the dry run's validation lowers the queued full run's limit to its estimate
@@ -76,14 +81,14 @@ def test_requeued_training_resumes_and_the_dry_run_sets_the_time_limit(slurm, in
     assert window["save_seconds"] > 0 and window["signal_delay_s"] == 120
     assert window["needed_s"] >= 75 and window["ok"] == (120 >= window["needed_s"])
     assert minutes(scontrol_job(jobs["train"])["TimeLimit"]) == estimate["time_limit_minutes"]
-    # requeue the full run once its first checkpoint is complete
-    wait_until(lambda: checkpoint_done(output_dir, 25), 600, 0.3, "checkpoint-25")
+    # requeue the full run once its first checkpoint is complete (save_total_limit may already have removed it)
+    wait_until(lambda: complete_checkpoints(output_dir), 600, 0.3, "a complete checkpoint")
     subprocess.run(["scontrol", "requeue", jobs["train"]], check=True)
     final = wait_until(lambda: all_done(capsys, manifest["run_id"]), 900, 3, "the chain")
     assert set(final.values()) == {"COMPLETED"}, final
     assert int(scontrol_job(jobs["train"]).get("Restarts", "0")) >= 1
     state = json.loads((output_dir / "trainer_state.json").read_text())
-    assert state["global_step"] == state["max_steps"] == 200
+    assert state["global_step"] == state["max_steps"] == REQUEUE_STEPS
     log = (run_dir / "slurm" / "train" / f"{jobs['train']}_0_log.out").read_text()
     assert "resuming from" in log and "checkpoint-" in log
     assert json.loads((run_dir / "handoff.json").read_text())["final_checkpoint"]

@@ -10,6 +10,7 @@ import time
 from submitit.helpers import Checkpointable, DelayedSubmission
 
 from sftjobs.errors import EXIT_STOPPED  # the step saved at a signal and stopped
+from sftjobs.waiting import wait_with_signals
 
 REQUEUE_MARGIN_S = 15  # what submitit's requeue (scontrol requeue) and its exit need after the wait
 
@@ -47,7 +48,7 @@ class StepCommand(Checkpointable):
         # scontrol requeue, preemption): pass it on, so a training step saves and any step stops now rather than
         # at the SIGKILL after KillWait
         signal.signal(signal.SIGTERM, self._pass_sigterm)
-        code = self._process.wait()
+        code = wait_with_signals(self._process)
         if code == EXIT_STOPPED:
             raise RuntimeError(f"step {self.step} stopped on a signal after saving a checkpoint; the job is requeued "
                                "(time limit, preemption) or was cancelled, and a resume continues from it")
@@ -65,7 +66,7 @@ class StepCommand(Checkpointable):
 
     def _wait_for_step(self) -> int | None:
         """Pass USR2 on to the step and wait until it has exited; its exit code, or None if it is still running at
-        the deadline. Runs inside submitit's signal handler, which interrupted Popen.wait(): the child is reaped with
+        the deadline. Runs inside submitit's signal handler, which interrupted the wait in __call__: the child is reaped with
         os.waitpid here (Popen's own wait/poll would find the lock the interrupted wait holds and report nothing);
         submitit exits after the handler, so the interrupted wait never resumes."""
         process = self._process

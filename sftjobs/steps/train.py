@@ -33,6 +33,7 @@ from sftjobs.errors import SftjobsError, StepStopped
 from sftjobs.fsutil import exclusive_lock
 from sftjobs.node.context import StepContext
 from sftjobs.node.monitor import Sampler
+from sftjobs.waiting import wait_with_signals
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -202,6 +203,22 @@ class SignalRelay:
             self.forward()
 
 
+def copy_output(stream, log_handle) -> None:
+    """The training's output into its log file and this job's log, in a thread of its own (the main thread waits
+    for the process in short slices, see wait_with_signals). A job log that can no longer be written (its reader
+    gone) does not stop the copy into the log file, nor the training."""
+    echo = True
+    for chunk in iter(stream.readline, b""):
+        log_handle.write(chunk)
+        log_handle.flush()
+        if echo:
+            try:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+            except (OSError, ValueError):
+                echo = False
+
+
 def _ignore_usr2() -> None:  # pragma: no cover - runs in the child between fork and exec
     # inherited through exec: torchrun (which installs no USR2 handler) survives the signal Slurm sends to every
     # process of the job; the workers install their own handler first thing (sftjobs.trainer.signal_save)
@@ -246,6 +263,23 @@ def output_dir_lock(ctx: StepContext, output_dir: Path):
         time.sleep(5)
 
 
+def run_training_process(command: list[str], env: dict[str, str], training_log: Path, monitor: Path,
+                         output_dir: Path, log, marker: Path | None) -> tuple[int, str | None]:
+    """Run the training command to its end: its output into ``training_log`` and this job's log, its memory
+    sampled into ``monitor``, a stop signal to this process passed on to it (SignalRelay). The exit code and the
+    stop signal this process received, if any."""
+    with open(training_log, "ab") as log_handle:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                   preexec_fn=_ignore_usr2)
+        copier = threading.Thread(target=copy_output, args=(process.stdout, log_handle), daemon=True)
+        with Sampler(monitor, process.pid, output_dir), SignalRelay(process, is_distributed(env), log,
+                                                                     marker=marker) as relay:
+            copier.start()
+            code = wait_with_signals(process)
+        copier.join(timeout=30)
+    return code, relay.received
+
+
 def read_stop(marker: Path, since: float) -> dict | None:
     """The stop marker of this launch (a marker from an earlier launch is removed before it starts)."""
     try:
@@ -284,18 +318,7 @@ def _train(ctx: StepContext, output_dir: Path) -> None:
     monitor = ctx.run_dir / "monitor" / f"{ctx.step.name}-{socket.gethostname()}.jsonl"
     env = launch_env(os.environ)
     started = time.time()
-    with open(training_log, "ab") as log_handle:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                   preexec_fn=_ignore_usr2)
-        with Sampler(monitor, process.pid, output_dir), SignalRelay(process, is_distributed(env), ctx.log,
-                                                                     marker=marker) as relay:
-            assert process.stdout is not None
-            for chunk in iter(lambda: process.stdout.readline(), b""):
-                log_handle.write(chunk)
-                log_handle.flush()
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.flush()
-            code = process.wait()
+    code, received = run_training_process(command, env, training_log, monitor, output_dir, ctx.log, marker)
     stop = read_stop(marker, started)
     if stop is not None:
         seconds = stop.get("save_seconds")
@@ -304,8 +327,8 @@ def _train(ctx: StepContext, output_dir: Path) -> None:
                           + (f" in {seconds:.1f} s" if isinstance(seconds, int | float) else "")
                           + "; a requeued or resumed job continues from it")
     if code != 0:
-        if relay.received:
-            raise StepStopped(f"stopped on {relay.received} before a checkpoint could be saved (training exited "
+        if received:
+            raise StepStopped(f"stopped on {received} before a checkpoint could be saved (training exited "
                               f"with {code}); a requeued or resumed job continues from the newest complete one")
         tail = training_log.read_text(errors="replace").strip().splitlines()[-5:]
         raise SftjobsError(f"LLaMA-Factory training exited with {code}. Last lines of {training_log}:\n  " + "\n  ".join(tail))
