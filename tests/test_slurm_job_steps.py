@@ -127,3 +127,46 @@ def test_requeue_reruns_preflight_and_skips_what_completed(slurm, in_tmp, capsys
     launches = [line.split() for line in runs_log(run_dir)]
     of = {step: [line[6] for line in launches if line[0] == step] for step in ("preflight", "dry_run", "validate_dry_run")}
     assert of["preflight"] == ["0", "1"] and of["dry_run"] == ["0"] and of["validate_dry_run"] == ["0", "1"], launches
+
+
+def launches_by_node(run_dir: Path) -> dict[str, list[str]]:
+    """step -> the node ranks it ran on, in order."""
+    found: dict[str, list[str]] = {}
+    for line in runs_log(run_dir):
+        fields = line.split()
+        found.setdefault(fields[0], []).append(fields[2])
+    return found
+
+
+def test_two_node_job_checks_on_the_first_node_and_trains_on_both(slurm, in_tmp, capsys, monkeypatch):
+    """A two-node dry run: the pre-flight checks and the validation run on the first node only; the second node
+    waits for the checks' verdict, then both train."""
+    monkeypatch.setenv("FAKE_SLEEP", "3")
+    monkeypatch.setenv("SFTJOBS_ALLOW_LOOPBACK_MASTER", "1")  # n1/n2 share this host (tests/test_slurm_chain.py)
+    manifest = submit(capsys, "prod", "--dry-run-first", sets=["resources.nodes=2"])
+    run_id, jobs = manifest["run_id"], manifest["jobs"]
+    run_dir = Path(os.environ["SFTJOBS_JOBS_DIR"]) / run_id
+    final = wait_until(lambda: all_done(capsys, run_id), 300, 2, "the chain to finish")
+    assert set(final.values()) == {"COMPLETED"}, final
+    nodes = launches_by_node(run_dir)
+    assert nodes["preflight"] == ["0"] and nodes["validate_dry_run"] == ["0"], nodes
+    assert sorted(nodes["dry_run"]) == ["0", "1"] and sorted(nodes["train"]) == ["0", "1"], nodes
+    assert nodes["train_preflight"] == ["0"], nodes  # the full run's node checks: its first node too
+    assert sacct_field(jobs["dry_run"], "NNodes") == "2"
+    # the second node started training only after the first node's checks had passed
+    records = {line.split()[0] + "." + line.split()[2]: i for i, line in enumerate(runs_log(run_dir))}
+    assert records["preflight.0"] < records["dry_run.1"] and records["train_preflight.0"] < records["train.1"]
+
+
+def test_two_node_job_stops_on_both_nodes_when_the_first_nodes_checks_fail(slurm, in_tmp, capsys, monkeypatch):
+    monkeypatch.setenv("FAKE_FAIL_STEP", "preflight")
+    monkeypatch.setenv("SFTJOBS_ALLOW_LOOPBACK_MASTER", "1")
+    manifest = submit(capsys, "prod", "--dry-run-first", sets=["resources.nodes=2"])
+    run_id = manifest["run_id"]
+    run_dir = Path(os.environ["SFTJOBS_JOBS_DIR"]) / run_id
+    final = wait_until(lambda: all_done(capsys, run_id), 180, 2, "the chain to end")
+    assert final["preflight"] == "FAILED" and final["dry_run"] == "CANCELLED", final
+    assert launches_by_node(run_dir) == {"data": ["0"], "model": ["0"], "preflight": ["0"]}
+    assert not list((run_dir / "fake").glob("dry_run.*.env"))  # neither node trained
+    log = "".join(p.read_text(errors="replace") for p in (run_dir / "slurm").rglob(f"{manifest['jobs']['dry_run']}_*"))
+    assert "the pre-flight checks on the job's first node did not pass; this node stops" in log
