@@ -167,6 +167,5 @@ def test_two_node_job_stops_on_both_nodes_when_the_first_nodes_checks_fail(slurm
     final = wait_until(lambda: all_done(capsys, run_id), 180, 2, "the chain to end")
     assert final["preflight"] == "FAILED" and final["dry_run"] == "CANCELLED", final
     assert launches_by_node(run_dir) == {"data": ["0"], "model": ["0"], "preflight": ["0"]}
-    assert not list((run_dir / "fake").glob("dry_run.*.env"))  # neither node trained
-    log = "".join(p.read_text(errors="replace") for p in (run_dir / "slurm").rglob(f"{manifest['jobs']['dry_run']}_*"))
-    assert "the pre-flight checks on the job's first node did not pass; this node stops" in log
+    # neither node trained (the second stops on the failed verdict, or srun ends its task when the first one fails)
+    assert not list((run_dir / "fake").glob("dry_run.*.env"))
