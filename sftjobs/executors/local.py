@@ -24,6 +24,7 @@ from sftjobs.errors import SftjobsError
 from sftjobs.executors.base import Executor, Request, StepState, squeue_time
 from sftjobs.fsutil import atomic_write_json, exclusive_lock, read_json
 from sftjobs.planning.dag import Plan, Step
+from sftjobs.waiting import wait_with_signals
 
 STATE_FILE = "local/chain.json"
 
@@ -101,7 +102,7 @@ def _run_script(step: Step, run_dir: Path, on_start: Callable[[int], None] | Non
                                    stdin=subprocess.DEVNULL, start_new_session=True)
         if on_start:
             on_start(process.pid)
-        return process.wait()
+        return wait_with_signals(process)  # `sftjobs cancel`'s SIGTERM is handled at once, whichever thread gets it
 
 
 def initial_state(plan: Plan, runner_pid: int | None, keep_from: Path | None = None) -> dict:
