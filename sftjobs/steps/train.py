@@ -209,8 +209,11 @@ def copy_output(stream, log_handle) -> None:
     gone) does not stop the copy into the log file, nor the training."""
     echo = True
     for chunk in iter(stream.readline, b""):
-        log_handle.write(chunk)
-        log_handle.flush()
+        try:
+            log_handle.write(chunk)
+            log_handle.flush()
+        except ValueError:  # closed: the training ended 30 s ago and a process it left still holds the pipe
+            return
         if echo:
             try:
                 sys.stdout.buffer.write(chunk)
