@@ -249,9 +249,11 @@ def describe_break(run_dir: Path, manifest: dict[str, Any], states: dict[str, St
     s = states[first]
     word = s.state.split()[0]
     by = s.extra.get("cancelled_by_uid")
-    ran = bool(s.nodelist) and (duration_seconds(s.elapsed or "0") or 0) > 0
+    started = bool(s.nodelist) and s.nodelist != "None assigned"
+    ran = started and (duration_seconds(s.elapsed or "0") or 0) > 0
     if word == "CANCELLED":
-        what = f"was cancelled{' by ' + _user(by) if by else ''}" + (f" after {s.elapsed}" if ran else " before it started")
+        when = f" after {s.elapsed}" if ran else " as it started" if started else " before it started"
+        what = f"was cancelled{' by ' + _user(by) if by else ''}{when}"
     elif word == "TIMEOUT":
         what = f"reached its time limit after {s.elapsed}"
     elif word == "OUT_OF_MEMORY":

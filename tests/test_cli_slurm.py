@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import getpass
 import subprocess
+import time
 
 import pytest
 
@@ -43,6 +44,7 @@ def test_nodelist_of_finished_cancelled_and_pending_steps(slurm, in_tmp, capsys,
     # preflight runs (in the training job) after waiting on a dependency (sacct keeps Reason=Dependency); the job is
     # cancelled then: train never starts in it
     wait_until(lambda: states(capsys, run_id)["preflight"] == "RUNNING", 90, 1, "preflight to start")
+    time.sleep(2)  # a cancel within its first second would read "as it started" (elapsed 0:00)
     subprocess.run(["scancel", jobs["train"]], check=True)
     wait_until(lambda: all_done(capsys, run_id), 120, 2, "the chain to end")
     where = table_rows(capsys, run_id)

@@ -159,3 +159,27 @@ def test_the_full_run_fails_on_its_node_checks_before_training(dry_run_dir):
     record = json.loads((dry_run_dir / "reports" / "status" / "train.json").read_text())
     assert record["state"] == "FAILED" and "before training: fake failure in train_preflight" in record["message"]
     assert json.loads((dry_run_dir / "reports" / "status" / "train_preflight.json").read_text())["state"] == "FAILED"
+
+
+@pytest.mark.parametrize(("nodelist", "elapsed", "when"), [
+    ("n1", "00:01:05", "after 00:01:05"),
+    ("n1", "00:00:00", "as it started"),  # cancelled within its first second: it ran, on n1
+    ("None assigned", "00:00:00", "before it started"),
+    ("", "", "before it started"),
+])
+def test_the_note_on_a_cancelled_step_says_when(tmp_path, nodelist, elapsed, when):
+    from sftjobs.status import describe_break
+
+    plan = build_plan(load_profile("toy"), dry_run_first=False)
+    states = {name: StepState("CANCELLED", nodelist=nodelist if name == "preflight" else "", elapsed=elapsed)
+              for name in ("preflight", "train", "validate")}
+    states["preflight"].extra["cancelled_by_uid"] = str(os.getuid())
+    note = describe_break(tmp_path, {"run_id": "r"}, states, plan, "preflight")
+    assert note.startswith(f"step preflight was cancelled by {pwd_name()} {when}"), note
+    assert note.endswith("; train, validate did not run.")
+
+
+def pwd_name() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.getuid()).pw_name
