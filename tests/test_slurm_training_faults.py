@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from sftjobs.cli import main
+from sftjobs.steps.train import checkpoints, is_complete_checkpoint
 from tests.slurm_helpers import scontrol_job, wait_until
 from tests.test_slurm_chain import all_done
 
@@ -59,10 +60,6 @@ def restarts(job_id: str) -> int:
     return int(scontrol_job(job_id).get("Restarts", "0") or 0)
 
 
-def complete_checkpoints(output_dir: Path) -> list[str]:
-    return sorted(p.parent.name for p in output_dir.glob("checkpoint-*/trainer_state.json"))
-
-
 def test_requeued_training_resumes_and_the_dry_run_sets_the_time_limit(slurm, in_tmp, capsys):
     # 3000 steps (the demo trains 45-400 steps/s on this CPU): the requeue always lands mid-training, never after
     # the training completed (a relaunch then only skips the completed step, and nothing resumes)
@@ -82,7 +79,8 @@ def test_requeued_training_resumes_and_the_dry_run_sets_the_time_limit(slurm, in
     assert window["needed_s"] >= 75 and window["ok"] == (120 >= window["needed_s"])
     assert minutes(scontrol_job(jobs["train"])["TimeLimit"]) == estimate["time_limit_minutes"]
     # requeue the full run once its first checkpoint is complete (save_total_limit may already have removed it)
-    wait_until(lambda: complete_checkpoints(output_dir), 600, 0.3, "a complete checkpoint")
+    wait_until(lambda: any(is_complete_checkpoint(p) for _, p in checkpoints(output_dir)), 600, 0.3,
+               "a complete checkpoint")
     subprocess.run(["scontrol", "requeue", jobs["train"]], check=True)
     final = wait_until(lambda: all_done(capsys, manifest["run_id"]), 900, 3, "the chain")
     assert set(final.values()) == {"COMPLETED"}, final
