@@ -113,8 +113,8 @@ def dry_run_dir(in_tmp) -> Path:
 
 
 def _launch(run_dir: Path, job: str, restart: int, **env: str) -> subprocess.CompletedProcess:
-    full = {**os.environ, "SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": str(restart), **env}
-    full.pop("SLURM_NODEID", None)
+    full = {key: value for key, value in os.environ.items() if key != "SLURM_NODEID"}
+    full.update({"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": str(restart), **env})
     return subprocess.run(["bash", str(run_dir / "steps" / f"{job}.sh")], env=full, capture_output=True, text=True,
                           timeout=120)
 
@@ -141,6 +141,18 @@ def test_a_job_runs_its_steps_in_order_and_a_relaunch_skips_what_completed(dry_r
     status.write_text(json.dumps({**json.loads(status.read_text()), "state": "RUNNING"}))
     assert _launch(dry_run_dir, "dry_run", 2).returncode == 0
     assert _launched(dry_run_dir)[4:] == ["preflight", "validate_dry_run"]
+
+
+def test_a_second_node_that_starts_late_still_trains(dry_run_dir):
+    # the first node ran the whole job in this launch before the second node's runtime started (a slow node; the
+    # stand-in training does not wait for its peers): the second node must not take the first node's records of
+    # this launch for an earlier launch's work, or it skips its part of the training
+    assert _launch(dry_run_dir, "dry_run", 0).returncode == 0
+    late = _launch(dry_run_dir, "dry_run", 0, SLURM_NODEID="1")
+    assert late.returncode == 0, late.stderr
+    assert _launched(dry_run_dir) == ["preflight", "dry_run", "validate_dry_run", "dry_run"]
+    assert "not run again" not in late.stderr
+    assert (dry_run_dir / "fake" / "dry_run.1.env").exists()
 
 
 def test_a_preflight_failure_stops_the_job_before_training(dry_run_dir):

@@ -152,11 +152,18 @@ def run_one(ctx: StepContext, chain: bool = True) -> tuple[int, str, str]:
     return code, message, state
 
 
-def previous_state(run_dir: Path, step: str) -> str | None:
+def completed_earlier(run_dir: Path, step: str) -> bool:
+    """Whether ``step`` completed in an earlier launch of its job. A record of this launch (the same job id and
+    restart) does not count: on a second node that starts late, the first node may have finished the step already
+    in this launch, and this node still has its part to run."""
     try:
-        return read_json(status_path(run_dir, step)).get("state")
+        record = read_json(status_path(run_dir, step))
     except (OSError, ValueError):
-        return None
+        return False
+    job_id = os.environ.get("SLURM_JOB_ID")  # none outside Slurm: one node, and no launch to tell apart
+    this_launch = (job_id is not None and record.get("job_id") == job_id
+                   and record.get("restart") == int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0))
+    return record.get("state") == "COMPLETED" and not this_launch
 
 
 def run_job(run_dir: Path, plan: Plan, host: str) -> int:
@@ -164,7 +171,7 @@ def run_job(run_dir: Path, plan: Plan, host: str) -> int:
     steps: list[Step] = plan.job_steps(host)
     first = StepContext.load(run_dir, host)
     first_node = first.node_rank == 0
-    done = {s.name for s in steps if s.kind != "preflight" and previous_state(run_dir, s.name) == "COMPLETED"}
+    done = {s.name for s in steps if s.kind != "preflight" and completed_earlier(run_dir, s.name)}
     if first_node:  # this launch's queue inside the job: stale records of an earlier launch say PENDING now
         base = {**launch_record(first), "state": "PENDING", "reason": "InJob"}
         for step in steps:
