@@ -20,7 +20,7 @@ from tests.slurm_helpers import scontrol_job, wait_until
 from tests.test_slurm_chain import all_done
 
 pytestmark = [pytest.mark.slurm, pytest.mark.train]
-TIME_LIMIT_STEPS = 12000
+TIME_LIMIT_STEPS = 4000
 REQUEUE_STEPS = 3000
 CPU_JOBS = ["resources.mem=3G", "resources.cpu_step_mem=2G", "train.num_train_epochs=4.0"]
 
@@ -96,8 +96,10 @@ def test_time_limit_signal_saves_the_current_step_and_requeues(slurm, in_tmp, ca
     # a 4-minute limit with USR2 180 s before it: the step gets the signal 60-90 s in (Slurm checks limits every
     # 30 s) and saves the step it is on; submitit requeues it as Checkpointable. No periodic save happens (save_steps
     # is larger than the run), so every requeue resumes from the signal's checkpoint.
-    # 12000 steps: longer than one 4-minute job at the fastest this CPU trains the demo (~100 steps/s), so the
-    # signal always comes mid-training
+    # The signal comes ~60 s into each launch, after ~20 s of preflight and loading: ~35 s of training per launch,
+    # ~900 steps on this 2-CPU machine (2026-12-06: 545, 870, 956 steps in the first three launches). 4000 steps are
+    # more than one launch trains at the fastest this CPU trains the demo (~100 steps/s), so the signal always comes
+    # mid-training, and the test needs ~5 launches (~5 min) instead of the ~13 that 12000 steps took
     run_dir, manifest = submit_demo(capsys, sets=["resources.time=4", "resources.signal_delay_s=180",
                                                   f"train.max_steps={TIME_LIMIT_STEPS}", "train.save_steps=100000",
                                                   "train.logging_steps=1", "resources.max_time_requeues=30"])
