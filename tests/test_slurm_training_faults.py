@@ -1,7 +1,7 @@
 """Real training on the real Slurm test cluster (CPU jobs): a requeued training job resumes from its newest
 complete checkpoint and ends with the same total steps; the dry run's measured speed sets the full run's
-time limit when the profile gives none; a time limit's USR2, `scontrol requeue` and `scancel --signal=USR2` each
-make training save the step it is on, so with periodic saves larger than the whole run no requeue repeats more
+time limit when the profile gives none; a time limit's USR2, `scontrol requeue`, `scancel --signal=USR2` and a
+preemption by a higher-tier partition's job each make training save the step it is on, so with periodic saves larger than the whole run no requeue repeats more
 than one optimizer step (the number repeated is counted from trainer_log.jsonl and printed)."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,24 @@ def trained_twice(steps: list[int]) -> int:
 
 def restarts(job_id: str) -> int:
     return int(scontrol_job(job_id).get("Restarts", "0") or 0)
+
+
+def check_every_step_trained_once(output_dir: Path, requeues: int, what: str) -> None:
+    """The run reached its total steps, every optimizer step was trained, and no requeue repeated more than one
+    step (the number repeated is printed)."""
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert state["global_step"] == state["max_steps"]
+    steps = logged_steps(output_dir)
+    assert set(steps) == set(range(1, state["max_steps"] + 1))
+    repeated = trained_twice(steps)
+    print(f"{what}: {requeues} requeue(s), {repeated} optimizer step(s) trained twice")
+    assert repeated <= requeues, Counter(steps).most_common(3)
+
+
+def save_reasons(run_dir: Path) -> list[str]:
+    """Why each checkpoint of the training was saved (reports/saves-train.jsonl): "signal", "periodic", ..."""
+    path = run_dir / "reports" / "saves-train.jsonl"
+    return [json.loads(line)["reason"] for line in path.read_text().splitlines()]
 
 
 def test_requeued_training_resumes_and_the_dry_run_sets_the_time_limit(slurm, in_tmp, capsys):
@@ -109,17 +128,11 @@ def test_time_limit_signal_saves_the_current_step_and_requeues(slurm, in_tmp, ca
     requeues = restarts(train)
     assert requeues >= 1
     output_dir = Path(json.loads((run_dir / "plan.json").read_text())["paths"]["output_dir"])
-    state = json.loads((output_dir / "trainer_state.json").read_text())
-    assert state["global_step"] == state["max_steps"] == TIME_LIMIT_STEPS
-    steps = logged_steps(output_dir)
-    assert set(steps) == set(range(1, TIME_LIMIT_STEPS + 1))
-    repeated = trained_twice(steps)
-    print(f"time limit: {requeues} requeue(s), {repeated} optimizer step(s) trained twice")
-    assert repeated <= requeues, Counter(steps).most_common(3)
-    saves = [json.loads(line) for line in (run_dir / "reports" / "saves-train.jsonl").read_text().splitlines()]
+    assert json.loads((output_dir / "trainer_state.json").read_text())["max_steps"] == TIME_LIMIT_STEPS
+    check_every_step_trained_once(output_dir, requeues, "time limit")
     # a signal that comes while a restarted job is still loading finds nothing trained since the last save: the
     # requeue then loses nothing without a save (counted above); at least one requeue saved mid-training
-    assert sum(1 for save in saves if save["reason"] == "signal") >= 1
+    assert save_reasons(run_dir).count("signal") >= 1
     log = (run_dir / "slurm" / "train" / f"{train}_0_log.out").read_text()
     assert "timed-out" in log and "resuming from" in log and "SIGUSR2 received: asked" in log
 
@@ -143,14 +156,61 @@ def test_scontrol_requeue_and_scancel_usr2_save_the_current_step(slurm, in_tmp, 
     assert set(final.values()) == {"COMPLETED"}, final
     requeues = restarts(train)
     assert requeues >= 2
-    state = json.loads((output_dir / "trainer_state.json").read_text())
-    assert state["global_step"] == state["max_steps"]
-    steps = logged_steps(output_dir)
-    assert set(steps) == set(range(1, state["max_steps"] + 1))
-    repeated = trained_twice(steps)
-    print(f"scontrol requeue + scancel --signal=USR2: {requeues} requeues, {repeated} optimizer step(s) trained twice")
-    assert repeated <= requeues, Counter(steps).most_common(3)
-    signals = [json.loads(line)["reason"] for line in (run_dir / "reports" / "saves-train.jsonl").read_text().splitlines()]
-    assert signals.count("signal") >= 2, signals
+    check_every_step_trained_once(output_dir, requeues, "scontrol requeue + scancel --signal=USR2")
+    assert save_reasons(run_dir).count("signal") >= 2, save_reasons(run_dir)
     log = (run_dir / "slurm" / "train" / f"{train}_0_log.out").read_text()
     assert "SIGTERM received: asked" in log and "SIGUSR2 received: asked" in log
+
+
+@pytest.fixture
+def urgent_partition(slurm):
+    """A partition of a higher PriorityTier than the test cluster's (10 against 1), for this test only: its jobs
+    preempt the others' (tests/slurm/start-slurm.sh sets PreemptType=preempt/partition_prio, PreemptMode=REQUEUE)."""
+    subprocess.run(["scontrol", "delete", "PartitionName=urgent"], capture_output=True)  # a leftover of a crash
+    nodes = scontrol_partition("debug")["Nodes"]
+    subprocess.run(["scontrol", "create", "PartitionName=urgent", f"Nodes={nodes}", "PriorityTier=10",
+                    "PreemptMode=OFF", "State=UP"], check=True)
+    try:
+        yield "urgent"
+    finally:
+        subprocess.run(["scancel", "--partition=urgent"], capture_output=True)
+        subprocess.run(["scontrol", "delete", "PartitionName=urgent"], check=True)
+
+
+def scontrol_partition(name: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "partition", name, "--oneliner"], check=True, capture_output=True,
+                         text=True).stdout
+    return dict(item.split("=", 1) for item in out.split() if "=" in item)
+
+
+def test_preemption_saves_the_current_step_and_the_job_comes_back(urgent_partition, in_tmp, capsys):
+    """Another user's job in a higher-tier partition takes the training's node: Slurm sends SIGTERM, gives the partition's GraceTime (30 s), and requeues the job
+    (PreemptMode=REQUEUE). Training saves the step it is on and the requeued job resumes from it."""
+    run_dir, manifest = submit_demo(capsys, sets=["train.max_steps=4000", "train.save_steps=100000",
+                                                  "train.logging_steps=1"])
+    train = manifest["jobs"]["train"]
+    output_dir = Path(json.loads((run_dir / "plan.json").read_text())["paths"]["output_dir"])
+    wait_until(lambda: len(logged_steps(output_dir)) >= 20, 900, 0.5, "20 trained steps")
+    node = scontrol_job(train)["NodeList"]
+    other = subprocess.run(["sbatch", "--parsable", f"--partition={urgent_partition}", f"--nodelist={node}", "--exclusive",
+                            "--time=2", "--job-name=someone-else", "--output=/dev/null", "--wrap=sleep 15"],
+                           check=True, capture_output=True, text=True).stdout.strip().split(";")[0]
+    wait_until(lambda: restarts(train) >= 1, 300, 0.5, "the training job preempted and requeued")
+    final = wait_until(lambda: all_done(capsys, manifest["run_id"]), 1500, 3, "the chain")
+    assert set(final.values()) == {"COMPLETED"}, final
+    # the job requeued itself after the save (a job that ends within the GraceTime is not requeued by Slurm: it
+    # would end FAILED and cancel validate), so the preemptor had the node before the GraceTime was up
+    attempts = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-j", train, "-o", "State"],
+                              check=True, capture_output=True, text=True).stdout.split()
+    assert "REQUEUED" in attempts and attempts[-1] == "COMPLETED", attempts
+    state_, submitted, started = subprocess.run(["sacct", "-n", "-X", "-P", "-j", other, "-o", "State,Submit,Start"],
+                                                check=True, capture_output=True, text=True).stdout.strip().split("|")
+    assert state_ == "COMPLETED"
+    waited = (datetime.fromisoformat(started) - datetime.fromisoformat(submitted)).total_seconds()
+    print(f"preemption: the preemptor's job started {waited:.0f} s after its submission (GraceTime 30 s)")
+    assert waited < 30
+    check_every_step_trained_once(output_dir, restarts(train), "preemption")
+    assert "signal" in save_reasons(run_dir), save_reasons(run_dir)
+    log = (run_dir / "slurm" / "train" / f"{train}_0_log.out").read_text()
+    assert "SIGTERM received: asked" in log and "resuming from" in log
+    assert f"sftjobs: job {train} was preempted (PreemptTime" in log and "PreemptMode REQUEUE); requeueing it" in log

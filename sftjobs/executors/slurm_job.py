@@ -49,6 +49,10 @@ class StepCommand(Checkpointable):
         # at the SIGKILL after KillWait
         signal.signal(signal.SIGTERM, self._pass_sigterm)
         code = wait_with_signals(self._process)
+        first_task = os.environ.get("SLURM_PROCID", "0") == "0"  # one requeue for a job of several nodes
+        if code == EXIT_STOPPED and first_task and requeue_if_preempted(os.environ.get("SLURM_JOB_ID")):
+            raise RuntimeError(f"step {self.step} saved a checkpoint when the job was preempted; the job is requeued "
+                               "and resumes from it")
         if code == EXIT_STOPPED:
             raise RuntimeError(f"step {self.step} stopped on a signal after saving a checkpoint; the job is requeued "
                                "(time limit, preemption) or was cancelled, and a resume continues from it")
@@ -97,3 +101,34 @@ class StepCommand(Checkpointable):
             # the step completed while the signal was on its way: the requeued job only reports success
             self.finished = True
         return DelayedSubmission(self)
+
+
+def scontrol_fields(*args: str) -> dict[str, str]:
+    """``scontrol show ... --oneliner`` as KEY=VALUE pairs (what no sub-command prints is empty)."""
+    try:
+        out = subprocess.run(["scontrol", "show", *args, "--oneliner"], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return dict(item.split("=", 1) for item in out.split() if "=" in item)
+
+
+def requeue_if_preempted(job_id: str | None) -> bool:
+    """After a step saved at a SIGTERM: if Slurm picked this job for preemption (PreemptTime set) and its partition
+    requeues preempted jobs (PreemptMode REQUEUE; the job not --no-requeue), requeue it now and say so.
+
+    A job that ends by itself within the preemption's GraceTime is not requeued by Slurm: it ends FAILED, as if the
+    step had failed, and its dependants are cancelled. Requeueing it here keeps the job id, the afterok chain and
+    the checkpoint just saved, and frees the node before the grace time is up. Under PreemptMode CANCEL (or
+    a SIGTERM that was no preemption: scancel, scontrol requeue) nothing is done here."""
+    if not job_id:
+        return False
+    job = scontrol_fields("job", job_id)
+    if job.get("PreemptTime", "None") in ("None", "Unknown", "") or job.get("Requeue") != "1":
+        return False
+    mode = scontrol_fields("partition", job.get("Partition", "")).get("PreemptMode", "")
+    if "REQUEUE" not in mode.upper().split(","):
+        return False
+    print(f"sftjobs: job {job_id} was preempted (PreemptTime {job['PreemptTime']}, partition "
+          f"{job.get('Partition')} PreemptMode {mode}); requeueing it", flush=True)
+    return subprocess.run(["scontrol", "requeue", job_id], capture_output=True, timeout=30).returncode == 0

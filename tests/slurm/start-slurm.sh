@@ -2,6 +2,10 @@
 # start-slurm.sh - idempotent one-host Slurm 22.05 test cluster with accounting, for sftjobs' tests
 # Deliberately WITHOUT DependencyParameters=kill_invalid_depend: many real clusters lack it, and
 # sftjobs must notice a broken afterok chain (DependencyNeverSatisfied) by itself.
+# Preemption as shared clusters set it up: a job in a partition of a higher PriorityTier preempts jobs of
+# debug/short (tier 1), which Slurm requeues (PreemptMode=REQUEUE) after SIGTERM and a 30 s GraceTime. The
+# preemption test creates that partition for its own length (scontrol create); jobs of one tier never preempt
+# each other, so no other test sees preemption.
 # (Debian 12, run as root, no systemd: daemons are started directly).
 # N slurmd instances (n1..nN) on this host, each advertising CPUS cpus and
 # GPUS fake GPUs. Safe to run again: installs only what is missing, rewrites
@@ -178,8 +182,10 @@ SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=$((MEM_MB / CPUS))
 $GRESLINE
 NodeName=$NODELIST NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$PORTS CPUs=$CPUS RealMemory=$MEM_MB$NODEGRES State=UNKNOWN
-PartitionName=$PARTITION Nodes=$NODELIST Default=YES MaxTime=INFINITE State=UP
-PartitionName=short Nodes=$NODELIST Default=NO MaxTime=00:10:00 State=UP
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+PartitionName=$PARTITION Nodes=$NODELIST Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=30
+PartitionName=short Nodes=$NODELIST Default=NO MaxTime=00:10:00 State=UP PriorityTier=1 GraceTime=30
 EOF
 
 put /etc/slurm/slurmdbd.conf 0600 slurm <<EOF
