@@ -59,6 +59,25 @@ def slurm():
         pytest.skip("the Slurm test cluster is not running (tests/slurm/start-slurm.sh)")
 
 
+@pytest.fixture
+def urgent_partition(slurm):
+    """A partition of a higher PriorityTier than the test cluster's (10 against 1), for one test only: its jobs
+    preempt the others' (tests/slurm/start-slurm.sh sets PreemptType=preempt/partition_prio, PreemptMode=REQUEUE)."""
+    import subprocess
+
+    from tests.slurm_helpers import scontrol_partition
+
+    subprocess.run(["scontrol", "delete", "PartitionName=urgent"], capture_output=True)  # a leftover of a crash
+    nodes = scontrol_partition("debug")["Nodes"]
+    subprocess.run(["scontrol", "create", "PartitionName=urgent", f"Nodes={nodes}", "PriorityTier=10",
+                    "PreemptMode=OFF", "State=UP"], check=True)
+    try:
+        yield "urgent"
+    finally:
+        subprocess.run(["scancel", "--partition=urgent"], capture_output=True)
+        subprocess.run(["scontrol", "delete", "PartitionName=urgent"], check=True)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked gpu run on the device machine only: where CUDA is missing they are deselected (neither run,
     skipped nor counted), so CI's count is the CPU tiers'."""

@@ -48,3 +48,18 @@ def wait_until(predicate, timeout: float, interval: float = 1.0, what: str = "co
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def scontrol_partition(name: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "partition", name, "--oneliner"], check=True, capture_output=True,
+                         text=True).stdout
+    return dict(item.split("=", 1) for item in out.split() if "=" in item)
+
+
+def preempt_node(partition: str, node: str, seconds: int = 15) -> str:
+    """Another user's job in ``partition`` (of a higher PriorityTier) that takes all of ``node`` for ``seconds``:
+    Slurm preempts what runs there. Its job id."""
+    out = subprocess.run(["sbatch", "--parsable", f"--partition={partition}", f"--nodelist={node}", "--exclusive",
+                          "--time=2", "--job-name=someone-else", "--output=/dev/null", f"--wrap=sleep {seconds}"],
+                         check=True, capture_output=True, text=True).stdout
+    return out.strip().split(";")[0]

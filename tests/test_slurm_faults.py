@@ -1,5 +1,6 @@
 """Faults on the real Slurm test cluster: the controller restarting under a chain, resume of the steps that
-did not complete, a second submit into a busy output_dir, --time over the partition's MaxTime."""
+did not complete, a second submit into a busy output_dir, --time over the partition's MaxTime, a preempted
+validation job."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 from sftjobs.cli import main
 from sftjobs.runs import read_manifest
-from tests.slurm_helpers import FAKE_PYTHON, SMALL, sacct_field, scontrol_job, wait_until
+from tests.slurm_helpers import FAKE_PYTHON, SMALL, preempt_node, sacct_field, scontrol_job, wait_until
 from tests.test_slurm_chain import all_done, status_json, submit
 
 pytestmark = pytest.mark.slurm
@@ -103,3 +104,22 @@ def test_status_shows_restarts_after_a_requeue(slurm, in_tmp, capsys, monkeypatc
     table = capsys.readouterr().out
     assert "COMPLETED[1]" in table  # one restart, shown as squeue-style state[restarts]
     time.sleep(0)
+
+
+def test_a_preempted_validation_is_requeued_and_runs_again(urgent_partition, in_tmp, capsys, monkeypatch):
+    # a step that is not training has nothing to save: SIGTERM ends it at once, within the GraceTime, and Slurm
+    # would then record the job FAILED instead of requeueing it; the job's task requeues it itself
+    monkeypatch.setenv("FAKE_SLEEP_VALIDATE", "20")
+    manifest = submit(capsys, "toy")
+    validate = manifest["jobs"]["validate"]
+    wait_until(lambda: scontrol_job(validate)["JobState"] == "RUNNING", 180, 0.5, "validate running")
+    time.sleep(3)
+    preempt_node(urgent_partition, scontrol_job(validate)["NodeList"], seconds=5)
+    final = wait_until(lambda: all_done(capsys, manifest["run_id"]), 240, 2, "the chain after the preemption")
+    assert set(final.values()) == {"COMPLETED"}, final
+    assert int(scontrol_job(validate).get("Restarts", "0")) == 1
+    run_dir = Path(os.environ["SFTJOBS_JOBS_DIR"]) / manifest["run_id"]
+    launches = [line for line in (run_dir / "fake" / "runs.log").read_text().splitlines() if line.startswith("validate")]
+    assert [line.split()[-1] for line in launches] == ["0", "1"], launches
+    log = (run_dir / "slurm" / "validate" / f"{validate}_0_log.out").read_text()
+    assert f"sftjobs: job {validate} was preempted (PreemptTime" in log

@@ -17,7 +17,7 @@ import pytest
 
 from sftjobs.cli import main
 from sftjobs.steps.train import checkpoints, is_complete_checkpoint
-from tests.slurm_helpers import scontrol_job, wait_until
+from tests.slurm_helpers import preempt_node, scontrol_job, wait_until
 from tests.test_slurm_chain import all_done
 
 pytestmark = [pytest.mark.slurm, pytest.mark.train]
@@ -162,27 +162,6 @@ def test_scontrol_requeue_and_scancel_usr2_save_the_current_step(slurm, in_tmp, 
     assert "SIGTERM received: asked" in log and "SIGUSR2 received: asked" in log
 
 
-@pytest.fixture
-def urgent_partition(slurm):
-    """A partition of a higher PriorityTier than the test cluster's (10 against 1), for this test only: its jobs
-    preempt the others' (tests/slurm/start-slurm.sh sets PreemptType=preempt/partition_prio, PreemptMode=REQUEUE)."""
-    subprocess.run(["scontrol", "delete", "PartitionName=urgent"], capture_output=True)  # a leftover of a crash
-    nodes = scontrol_partition("debug")["Nodes"]
-    subprocess.run(["scontrol", "create", "PartitionName=urgent", f"Nodes={nodes}", "PriorityTier=10",
-                    "PreemptMode=OFF", "State=UP"], check=True)
-    try:
-        yield "urgent"
-    finally:
-        subprocess.run(["scancel", "--partition=urgent"], capture_output=True)
-        subprocess.run(["scontrol", "delete", "PartitionName=urgent"], check=True)
-
-
-def scontrol_partition(name: str) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "show", "partition", name, "--oneliner"], check=True, capture_output=True,
-                         text=True).stdout
-    return dict(item.split("=", 1) for item in out.split() if "=" in item)
-
-
 def test_preemption_saves_the_current_step_and_the_job_comes_back(urgent_partition, in_tmp, capsys):
     """Another user's job in a higher-tier partition takes the training's node: Slurm sends SIGTERM, gives the partition's GraceTime (30 s), and requeues the job
     (PreemptMode=REQUEUE). Training saves the step it is on and the requeued job resumes from it."""
@@ -191,10 +170,7 @@ def test_preemption_saves_the_current_step_and_the_job_comes_back(urgent_partiti
     train = manifest["jobs"]["train"]
     output_dir = Path(json.loads((run_dir / "plan.json").read_text())["paths"]["output_dir"])
     wait_until(lambda: len(logged_steps(output_dir)) >= 20, 900, 0.5, "20 trained steps")
-    node = scontrol_job(train)["NodeList"]
-    other = subprocess.run(["sbatch", "--parsable", f"--partition={urgent_partition}", f"--nodelist={node}", "--exclusive",
-                            "--time=2", "--job-name=someone-else", "--output=/dev/null", "--wrap=sleep 15"],
-                           check=True, capture_output=True, text=True).stdout.strip().split(";")[0]
+    other = preempt_node(urgent_partition, scontrol_job(train)["NodeList"])
     wait_until(lambda: restarts(train) >= 1, 300, 0.5, "the training job preempted and requeued")
     final = wait_until(lambda: all_done(capsys, manifest["run_id"]), 1500, 3, "the chain")
     assert set(final.values()) == {"COMPLETED"}, final

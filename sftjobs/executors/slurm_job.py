@@ -50,9 +50,10 @@ class StepCommand(Checkpointable):
         signal.signal(signal.SIGTERM, self._pass_sigterm)
         code = wait_with_signals(self._process)
         first_task = os.environ.get("SLURM_PROCID", "0") == "0"  # one requeue for a job of several nodes
-        if code == EXIT_STOPPED and first_task and requeue_if_preempted(os.environ.get("SLURM_JOB_ID")):
-            raise RuntimeError(f"step {self.step} saved a checkpoint when the job was preempted; the job is requeued "
-                               "and resumes from it")
+        if code != 0 and first_task and requeue_if_preempted(os.environ.get("SLURM_JOB_ID")):
+            saved = "saved a checkpoint" if code == EXIT_STOPPED else f"ended with {code}"
+            raise RuntimeError(f"step {self.step} {saved} when the job was preempted; the job is requeued and "
+                               "runs again from where it stopped")
         if code == EXIT_STOPPED:
             raise RuntimeError(f"step {self.step} stopped on a signal after saving a checkpoint; the job is requeued "
                                "(time limit, preemption) or was cancelled, and a resume continues from it")
@@ -114,13 +115,15 @@ def scontrol_fields(*args: str) -> dict[str, str]:
 
 
 def requeue_if_preempted(job_id: str | None) -> bool:
-    """After a step saved at a SIGTERM: if Slurm picked this job for preemption (PreemptTime set) and its partition
-    requeues preempted jobs (PreemptMode REQUEUE; the job not --no-requeue), requeue it now and say so.
+    """After a step ended early (a training step saved at the SIGTERM; any other step stopped by it): if Slurm
+    picked this job for preemption (PreemptTime set) and its partition requeues preempted jobs (PreemptMode
+    REQUEUE; the job not --no-requeue), requeue it now and say so.
 
     A job that ends by itself within the preemption's GraceTime is not requeued by Slurm: it ends FAILED, as if the
-    step had failed, and its dependants are cancelled. Requeueing it here keeps the job id, the afterok chain and
-    the checkpoint just saved, and frees the node before the grace time is up. Under PreemptMode CANCEL (or
-    a SIGTERM that was no preemption: scancel, scontrol requeue) nothing is done here."""
+    step had failed, and its dependants are never started. Requeueing it here keeps the job id, the afterok chain
+    and the checkpoint just saved (the requeued job skips the steps it completed), and frees the node before the
+    grace time is up. Under PreemptMode CANCEL (or a SIGTERM that was no preemption: scancel, scontrol requeue)
+    nothing is done here."""
     if not job_id:
         return False
     job = scontrol_fields("job", job_id)
