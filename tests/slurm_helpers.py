@@ -26,13 +26,22 @@ def slurm_ready() -> bool:
     return result.returncode == 0 and any(s in result.stdout for s in ("idle", "mix", "alloc"))
 
 
-def scontrol_job(job_id: str) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, check=True).stdout
+def scontrol_show(kind: str, name: str) -> dict[str, str]:
+    """``scontrol -o show KIND NAME`` as its KEY=VALUE fields."""
+    out = subprocess.run(["scontrol", "-o", "show", kind, name], capture_output=True, text=True, check=True).stdout
     fields = {}
     for token in out.split():
         key, _, value = token.partition("=")
         fields[key] = value
     return fields
+
+
+def scontrol_job(job_id: str) -> dict[str, str]:
+    return scontrol_show("job", job_id)
+
+
+def scontrol_partition(name: str) -> dict[str, str]:
+    return scontrol_show("partition", name)
 
 
 def sacct_field(job_id: str, field: str) -> str:
@@ -48,12 +57,6 @@ def wait_until(predicate, timeout: float, interval: float = 1.0, what: str = "co
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def scontrol_partition(name: str) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "show", "partition", name, "--oneliner"], check=True, capture_output=True,
-                         text=True).stdout
-    return dict(item.split("=", 1) for item in out.split() if "=" in item)
 
 
 def preempt_node(partition: str, node: str, seconds: int = 15) -> str:

@@ -80,25 +80,34 @@ def node_checks(ctx: StepContext) -> None:
     atomic_write_json(status_path(ctx.run_dir, name), {**base, "state": "COMPLETED", "ended": time.time()})
 
 
+def current_launch() -> tuple[str | None, int]:
+    """This launch of the job: its Slurm job id (None outside Slurm) and restart count (a requeue adds one)."""
+    return os.environ.get("SLURM_JOB_ID"), int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+
+
+def is_this_launch(record: dict) -> bool:
+    """Whether a step record was written in this launch of the job (never outside Slurm, where nothing tells
+    launches apart)."""
+    job_id, restart = current_launch()
+    return job_id is not None and record.get("job_id") == job_id and record.get("restart") == restart
+
+
 def launch_record(ctx: StepContext) -> dict:
     """What identifies one launch of a step: its node, process, job and the job's restart (a requeue)."""
+    job_id, restart = current_launch()
     return {"step": ctx.step.name, "job": ctx.step.job or ctx.step.name, "host": socket.gethostname(), "pid": os.getpid(),
-            "job_id": os.environ.get("SLURM_JOB_ID"), "started": time.time(),
-            "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)}
+            "job_id": job_id, "started": time.time(), "restart": restart}
 
 
 def wait_for_record(ctx: StepContext, name: str, poll_s: float = 2.0) -> str:
     """On a node other than the first: wait until the first node has ended step ``name`` in this launch of the job
     (the same job id and restart); its final state. Bounded by the job's time limit."""
-    job_id = os.environ.get("SLURM_JOB_ID")
-    restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
     while True:
         try:
             record = read_json(status_path(ctx.run_dir, name))
         except (OSError, ValueError):
             record = {}
-        if (record.get("job_id") == job_id and record.get("restart") == restart
-                and record.get("state") in ("COMPLETED", "FAILED", "CANCELLED", "STOPPED")):
+        if is_this_launch(record) and record.get("state") in ("COMPLETED", "FAILED", "CANCELLED", "STOPPED"):
             return record["state"]
         time.sleep(poll_s)
 
@@ -160,10 +169,7 @@ def completed_earlier(run_dir: Path, step: str) -> bool:
         record = read_json(status_path(run_dir, step))
     except (OSError, ValueError):
         return False
-    job_id = os.environ.get("SLURM_JOB_ID")  # none outside Slurm: one node, and no launch to tell apart
-    this_launch = (job_id is not None and record.get("job_id") == job_id
-                   and record.get("restart") == int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0))
-    return record.get("state") == "COMPLETED" and not this_launch
+    return record.get("state") == "COMPLETED" and not is_this_launch(record)
 
 
 def run_job(run_dir: Path, plan: Plan, host: str) -> int:
