@@ -198,6 +198,10 @@ SCHEMA: dict[str, Key] = {
     "speed.lean_zero_step": Key(bool, False, help="DeepSpeed ZeRO-1/2: the gradient norm in one multi-tensor "
                                 "call and no separate bf16 overflow pass (a non-finite norm still skips the "
                                 "step); the same updates, fewer kernel launches per optimizer step"),
+    "speed.fused_zero_update": Key(bool, False, help="DeepSpeed ZeRO-1/2 in bf16 with torch's AdamW: the update of "
+                                   "the optimizer's partition (bf16 gradient, clip, AdamW on the fp32 master "
+                                   "weights, bf16 weights) in one pass over memory instead of five; the same "
+                                   "update and optimizer state"),
     "speed.cudnn_attention_bucket": Key(int, 0, _at_least(0), help="with per_sample_attention or pack_rank_samples "
                                         "on a GPU: a packed sample with its own attention call runs cuDNN's kernel, "
                                         "padded at its end to a multiple of this many tokens (cuDNN builds one graph "

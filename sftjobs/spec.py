@@ -94,6 +94,7 @@ class SpeedSpec:
     split_long_samples: bool
     cudnn_attention_bucket: int
     lean_zero_step: bool
+    fused_zero_update: bool
 
 
 @dataclass(frozen=True)

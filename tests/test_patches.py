@@ -272,25 +272,28 @@ def test_save_and_restore_undo_every_install():
     assert "training_step" not in vars(CustomSeq2SeqTrainer) and "get_train_dataloader" not in vars(CustomSeq2SeqTrainer)
 
 
+@pytest.mark.parametrize("feature", ["speed.lean_zero_step", "speed.fused_zero_update"])
 @pytest.mark.parametrize("package,version", [("deepspeed", "0.20.0"), ("torch", "2.12.0")])
-def test_the_lean_zero_step_turns_off_on_an_unverified_deepspeed_or_torch(monkeypatch, package, version):
+def test_the_zero_step_patches_turn_off_on_an_unverified_deepspeed_or_torch(monkeypatch, package, version, feature):
     simulate(monkeypatch, **{package: version})
     no_imports(monkeypatch)
     lines = []
-    decision = patches.decide(["speed.lean_zero_step"], log=lines.append)["speed.lean_zero_step"]
+    decision = patches.decide([feature], log=lines.append)[feature]
     assert not decision.on and lines == [decision.line()]
-    assert lines[0].startswith(f"speed.lean_zero_step off: {package} {version} not verified")
-    assert patches.FEATURES["speed.lean_zero_step"].cost in lines[0]
+    assert lines[0].startswith(f"{feature} off: {package} {version} not verified")
+    assert patches.FEATURES[feature].cost in lines[0]
 
 
-def test_the_lean_zero_step_install_is_undone_by_restore():
+@pytest.mark.parametrize("name, attributes", [("lean_zero_step", ("get_grad_norm_direct", "check_overflow")),
+                                              ("fused_zero_update", ("step",))])
+def test_the_zero_step_installs_are_undone_by_restore(name, attributes):
+    import importlib
+
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer as Zero
 
-    from sftjobs.trainer import lean_zero_step
-
-    before = (Zero.get_grad_norm_direct, Zero.check_overflow)
-    saved = patches.save(["lean_zero_step"])
-    lean_zero_step.install(log=lambda _: None)
-    assert (Zero.get_grad_norm_direct, Zero.check_overflow) != before
+    before = tuple(getattr(Zero, a) for a in attributes)
+    saved = patches.save([name])
+    importlib.import_module(f"sftjobs.trainer.{name}").install(log=lambda _: None)
+    assert tuple(getattr(Zero, a) for a in attributes) != before
     patches.restore(saved)
-    assert (Zero.get_grad_norm_direct, Zero.check_overflow) == before
+    assert tuple(getattr(Zero, a) for a in attributes) == before

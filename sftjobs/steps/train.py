@@ -120,6 +120,8 @@ def training_command(config: Path, resume: Path | None, speed: dict | None = Non
         entry.append("--split-long-samples")
     if speed.get("lean_zero_step"):
         entry.append("--lean-zero-step")
+    if speed.get("fused_zero_update"):
+        entry.append("--fused-zero-update")
     if speed.get("cudnn_attention_bucket"):
         entry += ["--cudnn-attention-bucket", str(int(speed["cudnn_attention_bucket"]))]
     if memory_log is not None:

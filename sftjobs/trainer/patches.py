@@ -136,6 +136,26 @@ PATCHES: tuple[Patch, ...] = (
                   "left to step()'s check of that norm)",
           undo="restore DeepSpeedZeroOptimizer.get_grad_norm_direct / check_overflow (patches.restore)",
           reaches="the optimizer's dtype, compute_grad_norm, cpu_offload, model_parallel_rank, dp_process_group"),
+    Patch("fused_zero_update", ("speed.fused_zero_update",),
+          targets=("deepspeed.runtime.zero.stage_1_and_2:DeepSpeedZeroOptimizer.step",
+                   "deepspeed.runtime.zero.stage_1_and_2:DeepSpeedZeroOptimizer.scaled_global_norm",
+                   "deepspeed.runtime.zero.stage_1_and_2:DeepSpeedZeroOptimizer.flatten_dense_tensors_aligned",
+                   "deepspeed.runtime.zero.stage_1_and_2:DeepSpeedZeroOptimizer._get_preflattened_grad_partition",
+                   "deepspeed.runtime.zero.stage_1_and_2:DeepSpeedZeroOptimizer._release_preflattened_grad_buffers",
+                   "deepspeed.runtime.zero.stage_1_and_2:DeepSpeedZeroOptimizer._lazy_init_hp_params_optimizer_state",
+                   "deepspeed.runtime.zero.stage_1_and_2:DeepSpeedZeroOptimizer._update_model_bit16_weights",
+                   "deepspeed.runtime.zero.stage_1_and_2:all_gather_dp_groups",
+                   "deepspeed.runtime.zero.stage_1_and_2:OPTIMIZER_TIMERS",
+                   "deepspeed.runtime.zero.stage_1_and_2:INITIAL_MICRO_STEP_ID",
+                   "deepspeed.runtime.utils:is_invalid_grad_norm", "torch.optim:AdamW"),
+          replaces=("deepspeed.runtime.zero.stage_1_and_2:DeepSpeedZeroOptimizer.step",),
+          verified={"deepspeed": DEEPSPEED, "torch": TORCH},
+          install="sftjobs.trainer.fused_zero_update:install (DeepSpeed's step with the update of each partition "
+                  "in one Triton kernel; DeepSpeed's own step where it does not apply)",
+          undo="restore DeepSpeedZeroOptimizer.step (patches.restore)",
+          reaches="the optimizer's dtype, cpu_offload, compute_grad_norm, clip_grad, loss_scale, the base "
+                  "optimizer's param_groups and state, single_partition_of_fp32_groups, "
+                  "parallel_partitioned_bit16_groups, averaged_gradients, partition_size, real_dp_process_group"),
     Patch("loader_workers_survive_sigterm", ("signal_save.loader_workers",),
           targets=("transformers.trainer:seed_worker", "transformers:Trainer.get_train_dataloader"),
           replaces=("transformers.trainer:seed_worker",),
@@ -192,6 +212,8 @@ FEATURES: dict[str, Feature] = {f.name: f for f in (
             "4x H200: 19,599 vs 17,548 tok/s/GPU)"),
     Feature("speed.lean_zero_step", "DeepSpeed's per-parameter norm and overflow passes (~3,900 launches per "
             "optimizer step with the 3B model on one GPU; bench/results)"),
+    Feature("speed.fused_zero_update", "DeepSpeed's update of the partition in five passes over memory (fp32 "
+            "gradient cast, clip, AdamW, copy to bf16) and a 12 GB fp32 gradient per step with the 3B model"),
     Feature("signal_save.loader_workers", "a SIGTERM sent to every process (preemption, scontrol requeue) kills "
             "the data loader workers: the run resumes from the last periodic checkpoint instead of the signal's "
             "step (USR2, the time limit's signal, still saves)"),
