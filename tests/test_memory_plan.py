@@ -109,6 +109,13 @@ CALIBRATION = [
     # fastseg: neat_packing 15000-token packs with per-sample attention (no 4D mask), ZeRO-2, recompute, Liger
     ("fast: z2, 4 GPUs, recompute, packs",
      lambda: mp.estimate(SHAPE_3B, "z2", True, 4, mp.Workload(15000, 1, True, "fa2"), 80)["allocated_gib"], 20.8),
+    # fast on 1x H100 80GB (2026-12-06): ZeRO-1 with recompute, where the optimizer step makes the peak; DeepSpeed's
+    # own update (its fp32 gradient copy) and speed.fused_zero_update
+    ("fast: z1, 1 GPU, recompute, DeepSpeed's update",
+     lambda: mp.estimate(SHAPE_3B, "z1", True, 1, mp.Workload(15000, 1, True, "fa2"), 80)["allocated_gib"], 63.3),
+    ("fast: z1, 1 GPU, recompute, fused update",
+     lambda: mp.estimate(SHAPE_3B, "z1", True, 1, mp.Workload(15000, 1, True, "fa2", fused_update=True),
+                         80)["allocated_gib"], 51.8),
 ]
 
 
@@ -300,3 +307,18 @@ def test_llamafactory_and_deepspeed_accept_what_auto_rendered(in_tmp):
     resolved = preflight.check_deepspeed_config(run_dir / "deepspeed.json", cfg, hidden_size=2048)
     assert resolved["zero_optimization"]["stage"] == 1
     assert resolved["train_batch_size"] == 1 * 2 * 1  # transformers' world size on this CPU: 1 process
+
+
+def test_the_fused_update_lowers_the_step_peak_where_the_plan_knows_it_applies():
+    """fast on one 80 GB GPU (ZeRO-1 with recompute, where the optimizer step makes the peak): prod and fast turn
+    speed.fused_zero_update on, and the estimate drops by the fp32 gradient copy it no longer makes; an optimizer
+    that is not torch's AdamW keeps DeepSpeed's step and the estimate with it."""
+    fused = plan_for("resources.gpus_per_node=1", "batch.global_size=null", profile="fast")
+    stock = plan_for("resources.gpus_per_node=1", "batch.global_size=null", "speed.fused_zero_update=false",
+                     profile="fast")
+    other = plan_for("resources.gpus_per_node=1", "batch.global_size=null", "train.optim=adafactor", profile="fast")
+    assert (fused["stage"], fused["recompute"]) == (stock["stage"], stock["recompute"]) == ("z1", True)
+    assert fused["inputs"]["fused_zero_update"] and not stock["inputs"]["fused_zero_update"]
+    assert not other["inputs"]["fused_zero_update"] and other["estimate_gib"] == stock["estimate_gib"]
+    saved = stock["estimate_gib"] - fused["estimate_gib"]
+    assert 5.0 < saved < 7.0, (stock["estimate_gib"], fused["estimate_gib"])  # 2 of the 4 bytes per parameter

@@ -162,13 +162,14 @@ def model_shape(model: dict[str, Any], model_dir: str | None) -> ModelShape:
 
 @dataclass(frozen=True)
 class Workload:
-    """The longest micro-batch one GPU sees."""
+    """The longest micro-batch one GPU sees, and how its optimizer step runs."""
 
     cutoff_len: int
     batch_size: int
     liger: bool
     attention: str = "auto"        # train.flash_attn: disabled = eager attention (quadratic in tokens)
     block_mask: bool = False       # neat_packing with LLaMA-Factory's 4D block-diagonal mask
+    fused_update: bool = False     # speed.fused_zero_update: ZeRO-1/2's step makes no fp32 gradient copy
 
     @property
     def tokens(self) -> int:
@@ -200,12 +201,14 @@ def activation_bytes(s: ModelShape, w: Workload, recompute: bool) -> dict[str, i
     return {"layers": layers, "logits": logits, "attention": attention}
 
 
-def model_state_bytes(s: ModelShape, stage: str, world: int) -> dict[str, int]:
+def model_state_bytes(s: ModelShape, stage: str, world: int, fused_update: bool = False) -> dict[str, int]:
     """Parameters, gradients, optimizer states and DeepSpeed buffers per GPU (bf16 with fp32 Adam).
 
     Sharded over ``world`` GPUs: ZeRO-1 the fp32 master weights and Adam's moments (12 bytes a parameter),
     ZeRO-2 the bf16 gradients too, ZeRO-3 the bf16 parameters too; offload keeps them on the CPU. ``step``
-    is the fp32 gradient partition that exists only during the optimizer step (no activations then).
+    is the fp32 gradient partition that exists only during the optimizer step (no activations then); with
+    ``fused_update`` (speed.fused_zero_update) ZeRO-1/2's step holds only the flat bf16 copy of the gradient
+    partition (the kernel reads it directly; 63.3 -> 51.8 GiB allocated for fast on 1x H100, bench/results).
     """
     n = s.params
     largest = s.vocab * s.hidden
@@ -223,12 +226,14 @@ def model_state_bytes(s: ModelShape, stage: str, world: int) -> dict[str, int]:
         "z3_offload": (0, 0, 0, gathered, 0),
     }
     params, grads, optimizer, buffers, step = table[stage]
+    if fused_update and stage in ("z1", "z2"):
+        step = 2 * n // world
     return {"params": params, "grads": grads, "optimizer": optimizer, "buffers": buffers, "step": step}
 
 
 def estimate(s: ModelShape, stage: str, recompute: bool, world: int, w: Workload, gpu_memory_gib: float) -> dict[str, Any]:
     """One layout's per-GPU estimate, in GiB: the allocated peak and the total it needs of the GPU."""
-    states = model_state_bytes(s, stage, world)
+    states = model_state_bytes(s, stage, world, w.fused_update)
     acts = activation_bytes(s, w, recompute)
     activations = sum(acts.values())
     fixed = states["params"] + states["grads"] + states["optimizer"] + states["buffers"]
@@ -257,9 +262,13 @@ def _workload(train: dict[str, Any], speed: dict[str, Any]) -> Workload:
     attention = str(train.get("flash_attn", "auto"))
     block_mask = bool(train.get("neat_packing")) and attention not in ("fa2", "fa3") \
         and not speed.get("per_sample_attention")
+    # the fused update applies in bf16 with torch's AdamW (LLaMA-Factory's and the Trainer's default optimizers)
+    fused_update = bool(speed.get("fused_zero_update")) and bool(train.get("bf16")) and \
+        str(train.get("optim", "adamw_torch_fused")) in ("adamw_torch", "adamw_torch_fused")
     return Workload(cutoff_len=int(train.get("cutoff_len", LF_DEFAULT_CUTOFF)),
                     batch_size=int(train.get("per_device_train_batch_size", HF_DEFAULT_BATCH)),
-                    liger=bool(train.get("enable_liger_kernel")), attention=attention, block_mask=block_mask)
+                    liger=bool(train.get("enable_liger_kernel")), attention=attention, block_mask=block_mask,
+                    fused_update=fused_update)
 
 
 def choose_layout(shape: ModelShape, world: int, w: Workload, gpu_memory_gib: float,
@@ -361,7 +370,7 @@ def plan_memory(profile: Profile, model_dir: str | None) -> dict[str, Any] | Non
         "world": world, "nodes": res["nodes"], "gpus_per_node": res["gpus_per_node"], "cutoff_len": w.cutoff_len,
         "per_device_train_batch_size": w.batch_size, "liger": w.liger,
         "packing": bool(train.get("packing") or train.get("neat_packing")), "neat_packing": bool(train.get("neat_packing")),
-        "attention": w.attention, "recompute_from_profile": fixed_recompute,
+        "attention": w.attention, "recompute_from_profile": fixed_recompute, "fused_zero_update": w.fused_update,
     }
     return {"mode": "auto" if deepspeed == "auto" else "fixed", "inputs": inputs, "candidates": candidates,
             "stage": stage, "recompute": recompute, "disable_gradient_checkpointing": not recompute,

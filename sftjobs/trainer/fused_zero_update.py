@@ -62,6 +62,8 @@ def _kernel():
 
     def launch(master, grad, exp_avg, exp_avg_sq, out, coef, **hyper):
         n = master.numel()
+        if n == 0:  # a rank whose partition of this group is empty
+            return
         adamw_kernel[(triton.cdiv(n, BLOCK),)](master, grad, exp_avg, exp_avg_sq, out, coef, n, BLOCK=BLOCK,
                                                num_warps=8, **hyper)
 
