@@ -13,9 +13,9 @@ corrections, eps outside the square root) in the arithmetic of torch's single-te
 (the Trainer's default optim) rounds its hyperparameters to float32 and differs from both by up to ~1.3e-5
 (relative) in the second moment. The moments and the step count stay in the optimizer's state where
 torch's AdamW keeps them, so a checkpoint saved with it resumes with DeepSpeed's own step and the other way round.
-Off CUDA (or without Triton) the same update runs as torch operations: that is what the CPU tests compare with
-DeepSpeed's own step (tests/test_fused_zero_update.py); tests/test_fused_zero_update_gpu.py compares the kernel
-with torch's AdamW on a GPU.
+Off CUDA (or without Triton) the same update runs as torch operations (torch's fused or single-tensor AdamW, as
+the optimizer is): that is what the CPU tests compare with DeepSpeed's own step (tests/test_lean_zero_step.py,
+tests/test_lf_train.py); tests/test_fused_zero_update_gpu.py compares the kernel with torch's AdamW on a GPU.
 
 It applies where DeepSpeed's step would do exactly that: bf16, no CPU offload, the base optimizer torch's AdamW
 (amsgrad, maximize, capturable, differentiable off), gradient norm on, no Muon, MoE or ZenFlow. Anything else
