@@ -97,9 +97,23 @@ def same(a: list[float], b: list[float], tol: float = 1e-5) -> bool:
         [x == x and abs(x) != float("inf") for x in a] == [y == y and abs(y) != float("inf") for y in b]
 
 
+@pytest.fixture(scope="module")
+def stock_run(tmp_path_factory):
+    """DeepSpeed's own step, run once per dtype for every comparison in this module."""
+    done: dict[str, dict] = {}
+
+    def get(dtype: str) -> dict:
+        if dtype not in done:
+            done[dtype] = run(tmp_path_factory.mktemp(f"stock_{dtype}"), "stock", dtype,
+                              29711 if dtype == "bf16" else 29712)
+        return done[dtype]
+
+    return get
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_the_lean_step_trains_as_deepspeeds_own_and_still_skips_a_nan(tmp_path, dtype):
-    stock = run(tmp_path, "stock", dtype, 29711 if dtype == "bf16" else 29712)
+def test_the_lean_step_trains_as_deepspeeds_own_and_still_skips_a_nan(tmp_path, dtype, stock_run):
+    stock = stock_run(dtype)
     lean = run(tmp_path, "lean", dtype, 29713 if dtype == "bf16" else 29714)
     assert lean["skipped"] == stock["skipped"] == [False, False, False, True, False, False]
     assert same(lean["loss"], stock["loss"]), (lean["loss"], stock["loss"])
@@ -112,8 +126,8 @@ def test_the_lean_step_trains_as_deepspeeds_own_and_still_skips_a_nan(tmp_path, 
 
 
 @pytest.mark.parametrize("mode", ["fused", "lean+fused"])
-def test_the_fused_update_trains_as_deepspeeds_own_step(tmp_path, mode):
-    stock = run(tmp_path, "stock", "bf16", 29715)
+def test_the_fused_update_trains_as_deepspeeds_own_step(tmp_path, mode, stock_run):
+    stock = stock_run("bf16")
     fused = run(tmp_path, mode, "bf16", 29716)
     assert "fused ZeRO update: bf16 gradient -> clip -> AdamW" in fused["log"] and "off (" not in fused["log"]
     assert fused["skipped"] == stock["skipped"] == [False, False, False, True, False, False]
@@ -130,8 +144,8 @@ def test_the_fused_update_trains_as_deepspeeds_own_step(tmp_path, mode):
         assert same(fused["state"][0][key], stock["state"][0][key], tol=1e-4), (key, fused["state"], stock["state"])
 
 
-def test_the_fused_update_leaves_fp32_to_deepspeeds_own_step(tmp_path):
-    stock = run(tmp_path, "stock", "fp32", 29717)
+def test_the_fused_update_leaves_fp32_to_deepspeeds_own_step(tmp_path, stock_run):
+    stock = stock_run("fp32")
     fused = run(tmp_path, "fused", "fp32", 29718)
     assert "fused ZeRO update: off (the weights are torch.float32, not bf16); DeepSpeed's own step" in fused["log"]
     assert fused["loss"] == stock["loss"] and fused["norm"] == stock["norm"] and fused["state"] == stock["state"]
