@@ -49,6 +49,13 @@ def sacct_field(job_id: str, field: str) -> str:
     return out.strip().splitlines()[-1] if out.strip() else ""
 
 
+def settled_sacct_state(job_id: str, timeout: float = 60) -> str:
+    """The job's State in accounting once it is final: slurmctld hands a job's end to slurmdbd asynchronously,
+    so sacct can still say PENDING or RUNNING for a moment after squeue and sftjobs saw the job end."""
+    return wait_until(lambda: (state := sacct_field(job_id, "State")) not in ("", "PENDING", "RUNNING") and state,
+                      timeout, 1.0, f"job {job_id}'s final state in sacct")
+
+
 def wait_until(predicate, timeout: float, interval: float = 1.0, what: str = "condition"):
     deadline = time.time() + timeout
     while time.time() < deadline:

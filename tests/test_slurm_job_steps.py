@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm_helpers import sacct_field, scontrol_job, wait_until
+from tests.slurm_helpers import sacct_field, scontrol_job, settled_sacct_state, wait_until
 from tests.test_slurm_chain import all_done, status_json, submit
 
 pytestmark = pytest.mark.slurm
@@ -61,7 +61,7 @@ def test_dry_run_job_runs_preflight_training_and_validation(slurm, in_tmp, capsy
     # the full run's job checked its own node before training (the same checks, its own report)
     assert {line.split()[4] for line in runs_log(run_dir) if line.split()[0] in ("train_preflight", "train")} == \
         {jobs["train"]}
-    assert sacct_field(job, "State") == "COMPLETED" and "gres/gpu=8" in sacct_field(job, "AllocTRES")
+    assert settled_sacct_state(job) == "COMPLETED" and "gres/gpu=8" in sacct_field(job, "AllocTRES")
     final_rows = rows(capsys, run_id)
     for step in ("preflight", "dry_run", "validate_dry_run"):
         assert final_rows[step]["job_id"] == job and final_rows[step]["nodelist"] == sacct_field(job, "NodeList")
@@ -93,8 +93,8 @@ def test_preflight_failure_stops_the_gpu_job_before_training(slurm, in_tmp, caps
     # the job stopped before training: the dry run never started, the job itself FAILED (not cancelled)
     assert [line.split()[0] for line in runs_log(run_dir)][-1] == "preflight"
     assert not (run_dir / "fake" / "dry_run.0.env").exists()
-    assert sacct_field(jobs["dry_run"], "State") == "FAILED"
-    assert sacct_field(jobs["train"], "State").startswith("CANCELLED")  # cancelled by the failed step itself
+    assert settled_sacct_state(jobs["dry_run"]) == "FAILED"
+    assert settled_sacct_state(jobs["train"]).startswith("CANCELLED")  # cancelled by the failed step itself
 
 
 def test_full_run_checks_its_own_node_first(slurm, in_tmp, capsys, monkeypatch):
