@@ -71,29 +71,20 @@ def _kernel():
 
 
 def adamw_flat(master, grad, exp_avg, exp_avg_sq, out, coef, *, lr: float, beta1: float, beta2: float,
-               eps: float, weight_decay: float, step: int, torch_fused: bool = False,
-               use_kernel: bool | None = None) -> None:
+               eps: float, weight_decay: float, step: int, torch_fused: bool = False) -> None:
     """One AdamW step (torch's formula) on flat fp32 ``master`` / ``exp_avg`` / ``exp_avg_sq``, in place, with the
     flat gradient ``grad`` (any float dtype) times ``coef`` (a one-element fp32 tensor on master's device: the
     clip coefficient); the updated weights are also written, cast, into ``out``. ``step`` counts this step.
     The kernel computes as torch's single-tensor AdamW does. Without the kernel, ``torch_fused`` says which of
     torch's AdamW implementations to call: its fused one (the Trainer's default optim, adamw_torch_fused) or its
-    single-tensor one, so that a CPU run reproduces DeepSpeed's step with either."""
-    import torch
-
-    with torch.no_grad():  # as torch's optimizers: the master weights are leaves that require grad
-        _adamw_flat(master, grad, exp_avg, exp_avg_sq, out, coef, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                    weight_decay=weight_decay, step=step, torch_fused=torch_fused, use_kernel=use_kernel)
-
-
-def _adamw_flat(master, grad, exp_avg, exp_avg_sq, out, coef, *, lr, beta1, beta2, eps, weight_decay, step,
-                torch_fused, use_kernel):
+    single-tensor one, so that a CPU run reproduces DeepSpeed's step with either. Tensors that require grad
+    (DeepSpeed's master weights) need the caller's torch.no_grad(), as torch's optimizers run under."""
     import torch
 
     bias_correction1 = 1 - beta1 ** step
     bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
     step_size = lr / bias_correction1
-    launch = _kernel() if master.is_cuda and use_kernel is not False else None
+    launch = _kernel() if master.is_cuda else None
     if launch is not None:
         # the hyperparameters as torch's single-tensor AdamW derives them (in double, then float32); torch's fused
         # kernel derives them in float32 (1 - beta2 = 0.00099998713), so its second moment is up to ~1.3e-5 apart
@@ -159,15 +150,15 @@ def _state(base, master, group) -> dict:
     return state
 
 
-def _coefficient(opt, scaled_norm):
-    """1 / DeepSpeed's combined scale (loss scale x clip factor), as unscale_and_clip_grads computes it."""
+def _coefficient(opt, scaled_norm, invalid: bool):
+    """1 / DeepSpeed's combined scale (loss scale x clip factor), as unscale_and_clip_grads computes it;
+    ``invalid``: the norm is not finite (is_invalid_grad_norm, read once by the step)."""
     import torch
-    from deepspeed.runtime.utils import is_invalid_grad_norm
 
     combined = opt.loss_scale
     if opt.clip_grad > 0.0:
         norm = scaled_norm
-        if is_invalid_grad_norm(norm):
+        if invalid:
             norm = torch.tensor(float("inf"), dtype=torch.float, device=opt.device)
         clip = torch.clamp(((norm / opt.loss_scale) + 1e-6) / opt.clip_grad, min=1.0)
         combined = clip * opt.loss_scale
@@ -197,10 +188,11 @@ def install(log=print) -> None:
         self.overflow = False
         if self.check_grad_overflow:
             self.check_overflow(partition_gradients=self.partition_gradients)
-        scaled_norm = None
+        scaled_norm, invalid = None, False
         if not self.overflow:
             scaled_norm = self.scaled_global_norm()
-            if self.check_grad_overflow and is_invalid_grad_norm(scaled_norm):
+            invalid = is_invalid_grad_norm(scaled_norm)  # one read of the norm on the host
+            if self.check_grad_overflow and invalid:
                 self.overflow = True
         prev_scale = self.loss_scale
         self._update_scale(self.overflow)
@@ -216,7 +208,7 @@ def install(log=print) -> None:
                 self.timers(timer).stop()
             return
         self._global_grad_norm = scaled_norm / prev_scale
-        coef = _coefficient(self, scaled_norm)
+        coef = _coefficient(self, scaled_norm, invalid)
         base = self.optimizer
         for i, _ in enumerate(self.bit16_groups):
             self.timers(zero.OPTIMIZER_GRADIENTS_TIMER).start()
@@ -241,10 +233,11 @@ def install(log=print) -> None:
             state = _state(base, master, group)
             state["step"] += 1
             beta1, beta2 = group["betas"]
-            adamw_flat(master, flat, state["exp_avg"], state["exp_avg_sq"],
-                       self.parallel_partitioned_bit16_groups[i][partition_id], coef, lr=group["lr"], beta1=beta1,
-                       beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], step=int(state["step"]),
-                       torch_fused=bool(group.get("fused")))
+            with torch.no_grad():  # as torch's optimizers: the master weights are leaves that require grad
+                adamw_flat(master, flat, state["exp_avg"], state["exp_avg_sq"],
+                           self.parallel_partitioned_bit16_groups[i][partition_id], coef, lr=group["lr"],
+                           beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                           step=int(state["step"]), torch_fused=bool(group.get("fused")))
             del flat
             self._lazy_init_hp_params_optimizer_state()
             self.timers(zero.OPTIMIZER_STEP_TIMER).stop()
