@@ -3,10 +3,11 @@
     python bench/trace_gaps.py out_P/trace_rank0.json.gz [OUT.txt]
 
 Busy time is the union of all kernels, copies and memsets on the GPU (every stream). A gap is a stretch with none.
-Each gap is put down to the launch that ended it (the CUDA runtime call correlated with the next kernel): the
-phase it was launched in (bench/step_timer.py's bench::forward / backward / step annotations), and the innermost operator
+Each gap is put down to the launch that ended it (the CUDA runtime or driver call correlated with the next kernel;
+Triton's and cuBLASLt's kernels are launched through the driver, cuLaunchKernelEx): the phase it was launched in (bench/step_timer.py's bench::forward / backward / step annotations), and the innermost operator
 around that launch. A gap that a synchronising call (cudaStreamSynchronize, cudaDeviceSynchronize, a blocking
 copy) ran into is marked "after sync": the CPU waited for the GPU to drain, and the GPU then waited for the CPU.
+The idle time is also summed by the kernel that ended each gap (which kernels the GPU waited for).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import sys
 
 GPU_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy ",
-              "cudaMemcpy\0")
+              "cudaMemcpy\0", "cuStreamSynchronize", "cuCtxSynchronize", "cuEventSynchronize")
+LAUNCH_CATS = {"cuda_runtime", "cuda_driver"}
 MIN_GAP_US = 5.0
 
 
@@ -50,7 +52,7 @@ def enclosing(ops: list[dict], starts: list[float], t: float) -> list[dict]:
 def analyse(events: list[dict]) -> str:
     gpu = [e for e in events if e.get("cat") in GPU_CATS]
     cpu = [e for e in events if e.get("cat") in ("cpu_op", "user_annotation")]
-    runtime = [e for e in events if e.get("cat") == "cuda_runtime"]
+    runtime = [e for e in events if e.get("cat") in LAUNCH_CATS]
     if not gpu or not cpu:
         return "no GPU or CPU events in this trace\n"
     by_corr = {e["args"].get("correlation"): e for e in runtime if "args" in e}
@@ -82,6 +84,8 @@ def analyse(events: list[dict]) -> str:
 
     by_phase: collections.Counter = collections.Counter()
     by_op: collections.Counter = collections.Counter()
+    by_kernel: collections.Counter = collections.Counter()
+    kernel_gaps: collections.Counter = collections.Counter()
     after_sync = 0.0
     rows = []
     for gs, ge in gaps:
@@ -102,6 +106,9 @@ def analyse(events: list[dict]) -> str:
             after_sync += dur
         by_phase[phase] += dur
         by_op[f"{phase} | {outer[:60]} > {inner[:50]}"] += dur
+        kernel = f"{(k or {}).get('name', 'none')[:50]} | {inner[:40]}"
+        by_kernel[kernel] += dur
+        kernel_gaps[kernel] += 1
         rows.append((dur, gs - t0, phase, outer, inner, synced, (k or {}).get("name", "")[:50]))
 
     wall = t1 - t0
@@ -116,6 +123,8 @@ def analyse(events: list[dict]) -> str:
     lines += [f"  {k:10s} {v / 1000:8.1f}" for k, v in by_phase.most_common()]
     lines.append("\nidle by phase | outermost non-aten op > innermost op at that launch (ms, top 25):")
     lines += [f"  {v / 1000:8.2f}  {k}" for k, v in by_op.most_common(25)]
+    lines.append("\nidle by the kernel that ended it | innermost op at its launch (ms, gaps; top 15):")
+    lines += [f"  {v / 1000:8.2f} {kernel_gaps[k]:5d}  {k}" for k, v in by_kernel.most_common(15)]
     lines.append("\nlongest gaps (ms, at ms into the window):")
     for dur, at, phase, outer, inner, synced, kname in sorted(rows, reverse=True)[:30]:
         lines.append(f"  {dur / 1000:7.2f} at {at / 1000:8.1f}  {phase:9s} {'after sync ' if synced else ''}"
