@@ -4,8 +4,9 @@
 
 Busy time is the union of all kernels, copies and memsets on the GPU (every stream). A gap is a stretch with none.
 Each gap is put down to the launch that ended it (the CUDA runtime or driver call correlated with the next kernel;
-Triton's and cuBLASLt's kernels are launched through the driver, cuLaunchKernelEx): the phase it was launched in (bench/step_timer.py's bench::forward / backward / step annotations), and the innermost operator
-around that launch. A gap that a synchronising call (cudaStreamSynchronize, cudaDeviceSynchronize, a blocking
+Triton's and cuBLASLt's kernels are launched through the driver, cuLaunchKernelEx): the phase it was launched in
+(bench/step_timer.py's bench::forward / backward / step annotations), and the innermost operator around that
+launch. A gap that a synchronising call (cudaStreamSynchronize, cudaDeviceSynchronize, a blocking
 copy) ran into is marked "after sync": the CPU waited for the GPU to drain, and the GPU then waited for the CPU.
 The idle time is also summed by the kernel that ended each gap (which kernels the GPU waited for).
 """
@@ -52,10 +53,10 @@ def enclosing(ops: list[dict], starts: list[float], t: float) -> list[dict]:
 def analyse(events: list[dict]) -> str:
     gpu = [e for e in events if e.get("cat") in GPU_CATS]
     cpu = [e for e in events if e.get("cat") in ("cpu_op", "user_annotation")]
-    runtime = [e for e in events if e.get("cat") in LAUNCH_CATS]
+    launches = [e for e in events if e.get("cat") in LAUNCH_CATS]
     if not gpu or not cpu:
         return "no GPU or CPU events in this trace\n"
-    by_corr = {e["args"].get("correlation"): e for e in runtime if "args" in e}
+    by_corr = {e["args"].get("correlation"): e for e in launches if "args" in e}
     phases = sorted((e for e in cpu if e["name"].startswith("bench::")), key=lambda e: e["ts"])
     ops_by_tid: dict = collections.defaultdict(list)
     for e in cpu:
@@ -64,7 +65,7 @@ def analyse(events: list[dict]) -> str:
     for ops in ops_by_tid.values():
         ops.sort(key=lambda o: o["ts"])
     starts_by_tid = {tid: [o["ts"] for o in ops] for tid, ops in ops_by_tid.items()}
-    syncs = sorted((e for e in runtime if e["name"].startswith(SYNC_CALLS) or e["name"] == "cudaMemcpy"),
+    syncs = sorted((e for e in launches if e["name"].startswith(SYNC_CALLS) or e["name"] == "cudaMemcpy"),
                    key=lambda e: e["ts"])
 
     t0 = min(e["ts"] for e in cpu)
