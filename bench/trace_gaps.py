@@ -107,10 +107,11 @@ def analyse(events: list[dict]) -> str:
             after_sync += dur
         by_phase[phase] += dur
         by_op[f"{phase} | {outer[:60]} > {inner[:50]}"] += dur
-        kernel = f"{(k or {}).get('name', 'none')[:50]} | {inner[:40]}"
+        kname = (k or {}).get("name", "")[:50]
+        kernel = f"{kname or 'none'} | {inner[:40]}"
         by_kernel[kernel] += dur
         kernel_gaps[kernel] += 1
-        rows.append((dur, gs - t0, phase, outer, inner, synced, (k or {}).get("name", "")[:50]))
+        rows.append((dur, gs - t0, phase, outer, inner, synced, kname))
 
     wall = t1 - t0
     busy_us = sum(e - s for s, e in busy)

@@ -4,18 +4,13 @@ runtime launches (cudaLaunchKernel) and driver launches (cuLaunchKernelEx: Trito
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.test_bench_items import load
 
 
 def load_module():
-    spec = importlib.util.spec_from_file_location("trace_gaps", REPO / "bench" / "trace_gaps.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("trace_gaps")
 
 
 def op(name, ts, dur, cat="cpu_op", tid=1, **args):

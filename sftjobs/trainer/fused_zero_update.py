@@ -191,7 +191,8 @@ def install(log=print) -> None:
         scaled_norm, invalid = None, False
         if not self.overflow:
             scaled_norm = self.scaled_global_norm()
-            invalid = is_invalid_grad_norm(scaled_norm)  # one read of the norm on the host
+            # one read of the norm on the host, where the overflow check or the clip coefficient needs it
+            invalid = (self.check_grad_overflow or self.clip_grad > 0.0) and is_invalid_grad_norm(scaled_norm)
             if self.check_grad_overflow and invalid:
                 self.overflow = True
         prev_scale = self.loss_scale
