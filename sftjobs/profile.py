@@ -202,6 +202,10 @@ SCHEMA: dict[str, Key] = {
                                    "the optimizer's partition (bf16 gradient, clip, AdamW on the fp32 master "
                                    "weights, bf16 weights) in one pass over memory instead of five; the same "
                                    "update and optimizer state"),
+    "speed.torch_rms_norm": Key(bool, False, help="with train.enable_liger_kernel (nothing without it): Liger's "
+                                "RMSNorm runs torch's fused rms_norm (one CUDA kernel each way, less CPU per call "
+                                "than Liger's Triton launch); the same normalisation, the weight applied in fp32 "
+                                "before the one rounding to bf16"),
     "speed.cudnn_attention_bucket": Key(int, 0, _at_least(0), help="with per_sample_attention or pack_rank_samples "
                                         "on a GPU: a packed sample with its own attention call runs cuDNN's kernel, "
                                         "padded at its end to a multiple of this many tokens (cuDNN builds one graph "

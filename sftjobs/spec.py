@@ -95,6 +95,7 @@ class SpeedSpec:
     cudnn_attention_bucket: int
     lean_zero_step: bool
     fused_zero_update: bool
+    torch_rms_norm: bool
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ ITEMS = load("summarize_prod").read_items()
 
 
 def test_the_items_are_the_ones_behind_the_readmes_numbers():
-    assert list(ITEMS) == ["A", "P", "P_nodsfused", "P_fused", "P_compile", "P_zerostock", "P_unfused", "fast", "fast_fused",
-                           "fast_zerostock", "fast_unfused", "chain", "toy", "requeue_save", "data_step", "submit_status",
+    assert list(ITEMS) == ["A", "P", "P_nodsfused", "P_fused", "P_compile", "P_zerostock", "P_unfused", "P_ligernorm", "fast",
+                           "fast_fused", "fast_zerostock", "fast_unfused", "fast_ligernorm", "chain", "toy", "requeue_save", "data_step", "submit_status",
                            "queue_waits"]
     assert all(item["where"] in ("gpu", "chain", "device", "cpu") and item["what"] for item in ITEMS.values())
     for item in ITEMS.values():
@@ -55,9 +55,9 @@ def overrides(item: dict[str, str], gpus: int = 1, gib: int = 139) -> list[str]:
 
 
 FAST_FLAGS = ["--balance-ranks", "--per-sample-attention", "--lean-zero-step", "--fused-zero-update",
-              "--cudnn-attention-bucket", "256"]
+              "--torch-rms-norm", "--cudnn-attention-bucket", "256"]
 PROD_FLAGS = ["--balance-ranks", "--pack-rank-samples", "--skip-idle-micro-steps", "--split-long-samples",
-              "--lean-zero-step", "--fused-zero-update"]
+              "--lean-zero-step", "--fused-zero-update", "--torch-rms-norm"]
 
 
 @pytest.mark.parametrize("name, flags", [
@@ -66,14 +66,15 @@ PROD_FLAGS = ["--balance-ranks", "--pack-rank-samples", "--skip-idle-micro-steps
     ("P_nodsfused", PROD_FLAGS),
     ("P_fused", PROD_FLAGS),
     ("P_zerostock", ["--balance-ranks", "--pack-rank-samples", "--skip-idle-micro-steps", "--split-long-samples",
-                     "--fused-zero-update"]),
-    ("fast_zerostock", ["--balance-ranks", "--per-sample-attention", "--fused-zero-update",
+                     "--fused-zero-update", "--torch-rms-norm"]),
+    ("fast_zerostock", ["--balance-ranks", "--per-sample-attention", "--fused-zero-update", "--torch-rms-norm",
                         "--cudnn-attention-bucket", "256"]),
     ("fast", FAST_FLAGS),
     ("fast_fused", FAST_FLAGS),
-    ("P_unfused", PROD_FLAGS[:-1]),
-    ("fast_unfused", ["--balance-ranks", "--per-sample-attention", "--lean-zero-step", "--cudnn-attention-bucket",
-                      "256"]),
+    ("P_unfused", [f for f in PROD_FLAGS if f != "--fused-zero-update"]),
+    ("fast_unfused", [f for f in FAST_FLAGS if f != "--fused-zero-update"]),
+    ("P_ligernorm", [f for f in PROD_FLAGS if f != "--torch-rms-norm"]),
+    ("fast_ligernorm", [f for f in FAST_FLAGS if f != "--torch-rms-norm"]),
 ])
 def test_each_gpu_item_runs_the_train_steps_command_with_the_timer(name, flags, tmp_path):
     item = ITEMS[name]
