@@ -206,6 +206,11 @@ SCHEMA: dict[str, Key] = {
                                 "RMSNorm runs torch's fused rms_norm (one CUDA kernel each way, less CPU per call "
                                 "than Liger's Triton launch); the same normalisation, the weight applied in fp32 "
                                 "before the one rounding to bf16"),
+    "speed.zero1_gradients_in_place": Key(bool, False, help="DeepSpeed ZeRO-1: gradients stay where autograd "
+                                          "accumulates them until the optimizer step's reduction "
+                                          "(contiguous_gradients: false at stage 1), so DeepSpeed hooks no "
+                                          "parameter in every backward and copies no gradient twice at the "
+                                          "boundary; the same reduction and update"),
     "speed.cudnn_attention_bucket": Key(int, 0, _at_least(0), help="with per_sample_attention or pack_rank_samples "
                                         "on a GPU: a packed sample with its own attention call runs cuDNN's kernel, "
                                         "padded at its end to a multiple of this many tokens (cuDNN builds one graph "

@@ -93,7 +93,8 @@ def render_files(run: PlannedRun) -> dict[str, str]:
         files[name] = text
     if typed.deepspeed != "none":
         stage, offload = DEEPSPEED_STAGES[typed.deepspeed]
-        text = render_template("deepspeed.json.j2", stage=stage, offload=offload)
+        text = render_template("deepspeed.json.j2", stage=stage, offload=offload,
+                               gradients_in_place=typed.speed.zero1_gradients_in_place)
         json.loads(text)
         files["deepspeed.json"] = text
     files["dataset/dataset_info.json"] = dataset_info(typed.data.shape, paths.data_dir)

@@ -96,6 +96,7 @@ class SpeedSpec:
     lean_zero_step: bool
     fused_zero_update: bool
     torch_rms_norm: bool
+    zero1_gradients_in_place: bool
 
 
 @dataclass(frozen=True)

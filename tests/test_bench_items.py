@@ -26,8 +26,9 @@ ITEMS = load("summarize_prod").read_items()
 
 
 def test_the_items_are_the_ones_behind_the_readmes_numbers():
-    assert list(ITEMS) == ["A", "P", "P_nodsfused", "P_fused", "P_compile", "P_zerostock", "P_unfused", "P_ligernorm", "fast",
-                           "fast_fused", "fast_zerostock", "fast_unfused", "fast_ligernorm", "chain", "toy", "requeue_save", "data_step", "submit_status",
+    assert list(ITEMS) == ["A", "P", "P_nodsfused", "P_fused", "P_compile", "P_zerostock", "P_unfused", "P_ligernorm",
+                           "P_contiguous", "P_pre1206", "fast", "fast_fused", "fast_zerostock", "fast_unfused",
+                           "fast_ligernorm", "fast_pre1206", "chain", "toy", "requeue_save", "data_step", "submit_status",
                            "queue_waits"]
     assert all(item["where"] in ("gpu", "chain", "device", "cpu") and item["what"] for item in ITEMS.values())
     for item in ITEMS.values():
@@ -75,6 +76,9 @@ PROD_FLAGS = ["--balance-ranks", "--pack-rank-samples", "--skip-idle-micro-steps
     ("fast_unfused", [f for f in FAST_FLAGS if f != "--fused-zero-update"]),
     ("P_ligernorm", [f for f in PROD_FLAGS if f != "--torch-rms-norm"]),
     ("fast_ligernorm", [f for f in FAST_FLAGS if f != "--torch-rms-norm"]),
+    ("P_contiguous", PROD_FLAGS),
+    ("P_pre1206", [f for f in PROD_FLAGS if f != "--torch-rms-norm"]),
+    ("fast_pre1206", [f for f in FAST_FLAGS if f != "--torch-rms-norm"]),
 ])
 def test_each_gpu_item_runs_the_train_steps_command_with_the_timer(name, flags, tmp_path):
     item = ITEMS[name]
@@ -90,3 +94,9 @@ def test_each_gpu_item_runs_the_train_steps_command_with_the_timer(name, flags, 
     train = (tmp_path / "r" / "llamafactory" / "train.yaml").read_text()
     assert ("deepspeed:" in train) == (name != "P_nodsfused")
     assert ("export TORCH_CUDNN_SDPA_DEPRIORITIZED=1" in script) == (name != "A")  # launcher.setup
+    if name != "P_nodsfused":
+        import json
+
+        zero = json.loads((tmp_path / "r" / "deepspeed.json").read_text())["zero_optimization"]
+        in_place = zero["stage"] == 1 and name not in ("A", "P_contiguous", "P_pre1206", "fast_pre1206")
+        assert zero["contiguous_gradients"] is (not in_place), (name, zero)

@@ -349,3 +349,26 @@ def test_the_fused_zero_update_trains_the_plain_steps_in_bf16_under_zero_1_and_2
         assert len(plain) == 6 and plain[-1] < plain[0] and close(fused, plain, tol=1e-6), (stage, fused, plain)
         norms = [logged(lf_setup, n, "grad_norm") for n in (f"z{stage}_bf16", f"z{stage}_bf16_fused")]
         assert len(norms[0]) == 6 and close(norms[1], norms[0], tol=1e-6), (stage, norms)
+
+
+def test_zero1_gradients_in_place_train_the_same_steps(lf_setup):
+    """speed.zero1_gradients_in_place (contiguous_gradients off at ZeRO-1: sftjobs' template) under real DeepSpeed
+    through LLaMA-Factory (gloo on the CPU, two ranks, two micro-steps a step): the losses and gradient norms of the
+    contiguous bucket, in fp32 and in bf16 with prod's lean step and fused update."""
+    import json as json_
+
+    from sftjobs.templating import render_template
+
+    cases = (("fp32", (), 29661), ("bf16", ("--lean-zero-step", "--fused-zero-update", "bf16=true"), 29663))
+    for dtype, extra, port in cases:
+        runs = {}
+        for in_place in (False, True):
+            ds = lf_setup / f"ds_z1_{dtype}_{in_place}.json"
+            ds.write_text(render_template("deepspeed.json.j2", stage=1, offload=False, gradients_in_place=in_place))
+            assert json_.loads(ds.read_text())["zero_optimization"]["contiguous_gradients"] is (not in_place)
+            name = f"z1_{dtype}_{'in_place' if in_place else 'contiguous'}"
+            runs[in_place] = train(lf_setup, name, *extra, f"deepspeed={ds}", ranks=2, port=port + in_place)[0]
+            runs[in_place, "norm"] = logged(lf_setup, name, "grad_norm")
+        assert len(runs[False]) == 6 and runs[False][-1] < runs[False][0], (dtype, runs)
+        assert close(runs[True], runs[False], tol=1e-6), (dtype, runs)
+        assert len(runs[False, "norm"]) == 6 and close(runs[True, "norm"], runs[False, "norm"], tol=1e-6), (dtype, runs)
