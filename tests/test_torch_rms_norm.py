@@ -87,6 +87,8 @@ def test_other_kinds_of_liger_rmsnorm_keep_ligers_forward(monkeypatch):
         assert calls == ["LigerRMSNormForGemma", "LigerRMSNorm"]
         qwen = LigerRMSNorm(8)
         assert torch_rms_norm.applies(qwen) and qwen(x) is not x and calls == ["LigerRMSNormForGemma", "LigerRMSNorm"]
+        mixed = x.to(torch.bfloat16)  # an fp32 weight under a bf16 input: torch's kernel would not be the fused one
+        assert qwen(mixed) is mixed and calls == ["LigerRMSNormForGemma", "LigerRMSNorm", "LigerRMSNorm"]
     finally:
         patches.restore(saved)
 

@@ -12,8 +12,9 @@ The arithmetic: Liger's "llama" casting mode (Qwen2's) normalises in fp32, round
 multiplies by the weight in that dtype (two roundings in bf16), as transformers' Qwen2RMSNorm does; torch's kernel
 multiplies by the weight in fp32 and rounds once. In fp32 both are the same function; in bf16 they differ by the
 one rounding (tests/test_torch_rms_norm.py on the CPU, tests/test_torch_rms_norm_gpu.py against Liger's kernel on a
-GPU). Only LigerRMSNorm modules of that kind are switched (offset 0, the "llama" casting mode, a weight); others
-(Gemma's offset, other casting modes, no weight) keep Liger's forward.
+GPU). Only LigerRMSNorm modules of that kind are switched (offset 0, the "llama" casting mode, a weight), and only
+where input and weight share a dtype (torch's fused kernel needs that; otherwise it falls back to separate
+operations); the rest (Gemma's offset, other casting modes, no weight, mixed dtypes) keep Liger's forward.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def install(log=print) -> None:
     liger_forward = LigerRMSNorm.forward
 
     def forward(self, hidden_states):
-        if not applies(self):
+        if not applies(self) or hidden_states.dtype != self.weight.dtype:  # torch's fused kernel wants one dtype
             return liger_forward(self, hidden_states)
         return torch.nn.functional.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
 
