@@ -354,12 +354,13 @@ def test_the_fused_zero_update_trains_the_plain_steps_in_bf16_under_zero_1_and_2
 def test_zero1_gradients_in_place_train_the_same_steps(lf_setup):
     """speed.zero1_gradients_in_place (contiguous_gradients off at ZeRO-1: sftjobs' template) under real DeepSpeed
     through LLaMA-Factory (gloo on the CPU, two ranks, two micro-steps a step): the losses and gradient norms of the
-    contiguous bucket, in fp32 and in bf16 with prod's lean step and fused update."""
+    contiguous bucket, in bf16 with prod's lean step and fused update (fp32 gave the same equality; one dtype keeps
+    the tier's time down)."""
     import json as json_
 
     from sftjobs.templating import render_template
 
-    cases = (("fp32", (), 29661), ("bf16", ("--lean-zero-step", "--fused-zero-update", "bf16=true"), 29663))
+    cases = (("bf16", ("--lean-zero-step", "--fused-zero-update", "bf16=true"), 29663),)
     for dtype, extra, port in cases:
         runs = {}
         for in_place in (False, True):
