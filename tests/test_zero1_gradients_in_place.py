@@ -27,10 +27,11 @@ def test_the_template_turns_contiguous_gradients_off_at_stage_1_only(stage, in_p
     assert config["zero_optimization"]["contiguous_gradients"] is contiguous
 
 
-def test_prod_renders_it_and_toy_does_not(tmp_path):
-    for name, sets, expected in (("prod", ["deepspeed=z1"], False), ("toy", ["deepspeed=z1"], True),
-                                 ("prod", ["deepspeed=z1", "speed.zero1_gradients_in_place=false"], True)):
-        out = tmp_path / f"{name}_{len(sets)}"
+def test_the_profile_key_reaches_the_rendered_config(tmp_path):
+    for name, sets, expected in (("prod", ["deepspeed=z1"], True), ("toy", ["deepspeed=z1"], True),
+                                 ("prod", ["deepspeed=z1", "speed.zero1_gradients_in_place=true"], False),
+                                 ("prod", ["deepspeed=z2", "speed.zero1_gradients_in_place=true"], True)):
+        out = tmp_path / f"{name}_{'_'.join(sets).replace('=', '-')}"
         args = [sys.executable, "-m", "sftjobs", "render", name, "--out", str(out)]
         for value in sets:
             args += ["--set", value]
