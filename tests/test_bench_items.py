@@ -5,6 +5,7 @@ train step's own with the step timer added (bench/train_command.py)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -95,8 +96,6 @@ def test_each_gpu_item_runs_the_train_steps_command_with_the_timer(name, flags, 
     assert ("deepspeed:" in train) == (name != "P_nodsfused")
     assert ("export TORCH_CUDNN_SDPA_DEPRIORITIZED=1" in script) == (name != "A")  # launcher.setup
     if name != "P_nodsfused":
-        import json
-
         zero = json.loads((tmp_path / "r" / "deepspeed.json").read_text())["zero_optimization"]
         in_place = name in ("P_inplace", "P_cand1206", "fast_cand1206")
         assert zero["stage"] == (3 if name == "A" else 1), (name, zero)  # the plan's pick on one 139 GiB card
