@@ -356,20 +356,16 @@ def test_zero1_gradients_in_place_train_the_same_steps(lf_setup):
     through LLaMA-Factory (gloo on the CPU, two ranks, two micro-steps a step): the losses and gradient norms of the
     contiguous bucket, in bf16 with prod's lean step and fused update (fp32 gave the same equality; one dtype keeps
     the tier's time down)."""
-    import json as json_
-
     from sftjobs.templating import render_template
 
-    cases = (("bf16", ("--lean-zero-step", "--fused-zero-update", "bf16=true"), 29663),)
-    for dtype, extra, port in cases:
-        runs = {}
-        for in_place in (False, True):
-            ds = lf_setup / f"ds_z1_{dtype}_{in_place}.json"
-            ds.write_text(render_template("deepspeed.json.j2", stage=1, offload=False, gradients_in_place=in_place))
-            assert json_.loads(ds.read_text())["zero_optimization"]["contiguous_gradients"] is (not in_place)
-            name = f"z1_{dtype}_{'in_place' if in_place else 'contiguous'}"
-            runs[in_place] = train(lf_setup, name, *extra, f"deepspeed={ds}", ranks=2, port=port + in_place)[0]
-            runs[in_place, "norm"] = logged(lf_setup, name, "grad_norm")
-        assert len(runs[False]) == 6 and runs[False][-1] < runs[False][0], (dtype, runs)
-        assert close(runs[True], runs[False], tol=1e-6), (dtype, runs)
-        assert len(runs[False, "norm"]) == 6 and close(runs[True, "norm"], runs[False, "norm"], tol=1e-6), (dtype, runs)
+    losses, norms = {}, {}
+    for in_place, name, port in ((False, "z1_bf16_contiguous", 29663), (True, "z1_bf16_in_place", 29664)):
+        ds = lf_setup / f"ds_{name}.json"
+        ds.write_text(render_template("deepspeed.json.j2", stage=1, offload=False, gradients_in_place=in_place))
+        assert json.loads(ds.read_text())["zero_optimization"]["contiguous_gradients"] is (not in_place)
+        losses[in_place], _ = train(lf_setup, name, "--lean-zero-step", "--fused-zero-update", f"deepspeed={ds}",
+                                    "bf16=true", ranks=2, port=port)
+        norms[in_place] = logged(lf_setup, name, "grad_norm")
+    assert len(losses[False]) == 6 and losses[False][-1] < losses[False][0], losses
+    assert close(losses[True], losses[False], tol=1e-6), losses
+    assert len(norms[False]) == 6 and close(norms[True], norms[False], tol=1e-6), norms

@@ -7,6 +7,8 @@ a GPU: test_torch_rms_norm_gpu.py."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -21,6 +23,8 @@ from liger_kernel.transformers.rms_norm import LigerRMSNorm, LigerRMSNormForGemm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm  # noqa: E402
 
 from sftjobs.trainer import patches, torch_rms_norm  # noqa: E402
+from tests.conftest import REPO  # noqa: E402
+from tests.test_patches import no_imports, simulate  # noqa: E402
 
 pytestmark = pytest.mark.train
 
@@ -103,9 +107,8 @@ def test_restore_undoes_the_install():
 
 
 def test_it_turns_off_on_an_unverified_liger_kernel(monkeypatch):
-    real = patches.installed_version
-    monkeypatch.setattr(patches, "installed_version", lambda p: "0.9.0" if p == "liger_kernel" else real(p))
-    monkeypatch.delenv(patches.UNVERIFIED_ENV, raising=False)
+    simulate(monkeypatch, liger_kernel="0.9.0")
+    no_imports(monkeypatch)
     lines = []
     decision = patches.decide(["speed.torch_rms_norm"], log=lines.append)["speed.torch_rms_norm"]
     assert not decision.on and lines == [decision.line()]
@@ -142,11 +145,9 @@ WHOLE_MODEL = textwrap.dedent("""
 
 def test_a_tiny_qwen2_with_it_has_the_stock_models_loss_and_gradients(tmp_path):
     """Each run in its own process: Liger's patch replaces transformers' Qwen2RMSNorm class for the process."""
-    import json
-
     def run(kind):
         out = subprocess.run([sys.executable, "-c", WHOLE_MODEL, kind], capture_output=True, text=True, check=True,
-                             cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(_repo())})
+                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     stock, switched = run("stock"), run("switched")
@@ -155,9 +156,3 @@ def test_a_tiny_qwen2_with_it_has_the_stock_models_loss_and_gradients(tmp_path):
     assert switched["grads"].keys() == stock["grads"].keys()
     for name, norm in stock["grads"].items():
         assert switched["grads"][name] == pytest.approx(norm, rel=1e-5, abs=1e-9), name
-
-
-def _repo():
-    from pathlib import Path
-
-    return Path(__file__).resolve().parents[1]
