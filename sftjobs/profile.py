@@ -202,10 +202,6 @@ SCHEMA: dict[str, Key] = {
                                    "the optimizer's partition (bf16 gradient, clip, AdamW on the fp32 master "
                                    "weights, bf16 weights) in one pass over memory instead of five; the same "
                                    "update and optimizer state"),
-    "speed.torch_rms_norm": Key(bool, False, help="with train.enable_liger_kernel (nothing without it): Liger's "
-                                "RMSNorm runs torch's fused rms_norm (one CUDA kernel each way, less CPU per call "
-                                "than Liger's Triton launch); the same normalisation, the weight applied in fp32 "
-                                "before the one rounding to bf16"),
     "speed.zero1_gradients_in_place": Key(bool, False, help="DeepSpeed ZeRO-1: gradients stay where autograd "
                                           "accumulates them until the optimizer step's reduction "
                                           "(contiguous_gradients: false at stage 1), so DeepSpeed hooks no "

@@ -95,7 +95,6 @@ class SpeedSpec:
     cudnn_attention_bucket: int
     lean_zero_step: bool
     fused_zero_update: bool
-    torch_rms_norm: bool
     zero1_gradients_in_place: bool
 
 

@@ -27,10 +27,9 @@ ITEMS = load("summarize_prod").read_items()
 
 
 def test_the_items_are_the_ones_behind_the_readmes_numbers():
-    assert list(ITEMS) == ["A", "P", "P_nodsfused", "P_fused", "P_compile", "P_zerostock", "P_unfused", "P_torchnorm",
-                           "P_inplace", "P_cand1206", "fast", "fast_fused", "fast_zerostock", "fast_unfused",
-                           "fast_cand1206", "chain", "toy", "requeue_save", "data_step", "submit_status",
-                           "queue_waits"]
+    assert list(ITEMS) == ["A", "P", "P_nodsfused", "P_fused", "P_compile", "P_zerostock", "P_unfused", "P_inplace",
+                           "fast", "fast_fused", "fast_zerostock", "fast_unfused", "fast_inplace", "chain", "toy",
+                           "requeue_save", "data_step", "submit_status", "queue_waits"]
     assert all(item["where"] in ("gpu", "chain", "device", "cpu") and item["what"] for item in ITEMS.values())
     for item in ITEMS.values():
         if item["where"] in ("device", "cpu"):
@@ -76,10 +75,8 @@ PROD_FLAGS = ["--balance-ranks", "--pack-rank-samples", "--skip-idle-micro-steps
     ("P_unfused", PROD_FLAGS[:-1]),
     ("fast_unfused", ["--balance-ranks", "--per-sample-attention", "--lean-zero-step", "--cudnn-attention-bucket",
                       "256"]),
-    ("P_torchnorm", [*PROD_FLAGS, "--torch-rms-norm"]),
     ("P_inplace", PROD_FLAGS),
-    ("P_cand1206", [*PROD_FLAGS, "--torch-rms-norm"]),
-    ("fast_cand1206", [*FAST_FLAGS[:-2], "--torch-rms-norm", *FAST_FLAGS[-2:]]),
+    ("fast_inplace", FAST_FLAGS),
 ])
 def test_each_gpu_item_runs_the_train_steps_command_with_the_timer(name, flags, tmp_path):
     item = ITEMS[name]
@@ -97,6 +94,6 @@ def test_each_gpu_item_runs_the_train_steps_command_with_the_timer(name, flags, 
     assert ("export TORCH_CUDNN_SDPA_DEPRIORITIZED=1" in script) == (name != "A")  # launcher.setup
     if name != "P_nodsfused":
         zero = json.loads((tmp_path / "r" / "deepspeed.json").read_text())["zero_optimization"]
-        in_place = name in ("P_inplace", "P_cand1206", "fast_cand1206")
+        in_place = name in ("P_inplace", "fast_inplace")
         assert zero["stage"] == (3 if name == "A" else 1), (name, zero)  # the plan's pick on one 139 GiB card
         assert zero["contiguous_gradients"] is (not in_place), (name, zero)

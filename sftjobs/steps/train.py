@@ -122,8 +122,6 @@ def training_command(config: Path, resume: Path | None, speed: dict | None = Non
         entry.append("--lean-zero-step")
     if speed.get("fused_zero_update"):
         entry.append("--fused-zero-update")
-    if speed.get("torch_rms_norm"):
-        entry.append("--torch-rms-norm")
     if speed.get("cudnn_attention_bucket"):
         entry += ["--cudnn-attention-bucket", str(int(speed["cudnn_attention_bucket"]))]
     if memory_log is not None:

@@ -530,7 +530,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--cudnn-attention-bucket", type=int, default=0, metavar="N")
     parser.add_argument("--lean-zero-step", action="store_true")
     parser.add_argument("--fused-zero-update", action="store_true")
-    parser.add_argument("--torch-rms-norm", action="store_true")
     parser.add_argument("--memory-log", metavar="PREFIX")
     parser.add_argument("--stop-marker", metavar="PATH",
                         help="save at USR2/SIGTERM, stop, and write this JSON (sftjobs.trainer.signal_save)")
@@ -585,10 +584,6 @@ def main(argv: list[str] | None = None) -> None:
         from sftjobs.trainer import fused_zero_update
 
         fused_zero_update.install(log=log)
-    if opts.torch_rms_norm:
-        from sftjobs.trainer import torch_rms_norm
-
-        torch_rms_norm.install(log=log)
     if opts.memory_log:
         callbacks.append(make_memory_callback(opts.memory_log))
     from llamafactory.train.tuner import run_exp

@@ -38,7 +38,6 @@ TRANSFORMERS = ("==4.56.2", "==5.5.4", "==5.6.0")
 ACCELERATE = ("==1.11.0",)
 DEEPSPEED = ("==0.19.8",)
 TORCH = ("==2.9.1", "==2.11.0")  # a local label (+cu130) matches
-LIGER = ("==0.8.5",)  # liger-kernel: the .whl set the GPU tier and the benchmarks ran on
 
 SFT_TRAINER = "llamafactory.train.sft.trainer:CustomSeq2SeqTrainer"
 COLLATOR = "llamafactory.data.collator:SFTDataCollatorWith4DAttentionMask"
@@ -157,14 +156,6 @@ PATCHES: tuple[Patch, ...] = (
           reaches="the optimizer's dtype, cpu_offload, compute_grad_norm, clip_grad, loss_scale, the base "
                   "optimizer's param_groups and state, single_partition_of_fp32_groups, "
                   "parallel_partitioned_bit16_groups, averaged_gradients, partition_size, real_dp_process_group"),
-    Patch("torch_rms_norm", ("speed.torch_rms_norm",),
-          targets=("liger_kernel.transformers.rms_norm:LigerRMSNorm.forward", "torch.nn.functional:rms_norm"),
-          replaces=("liger_kernel.transformers.rms_norm:LigerRMSNorm.forward",),
-          verified={"liger_kernel": LIGER, "torch": TORCH},
-          install="sftjobs.trainer.torch_rms_norm:install (LigerRMSNorm's forward: torch's fused rms_norm where the "
-                  "module is Qwen2's kind, Liger's own forward otherwise)",
-          undo="restore LigerRMSNorm.forward (patches.restore)",
-          reaches="the module's weight, variance_epsilon, offset, casting_mode"),
     Patch("loader_workers_survive_sigterm", ("signal_save.loader_workers",),
           targets=("transformers.trainer:seed_worker", "transformers:Trainer.get_train_dataloader"),
           replaces=("transformers.trainer:seed_worker",),
@@ -223,8 +214,6 @@ FEATURES: dict[str, Feature] = {f.name: f for f in (
             "optimizer step with the 3B model on one GPU; bench/results)"),
     Feature("speed.fused_zero_update", "DeepSpeed's update of the partition in five passes over memory (fp32 "
             "gradient cast, clip, AdamW, copy to bf16) and a 12 GB fp32 gradient per step with the 3B model"),
-    Feature("speed.torch_rms_norm", "Liger's Triton RMSNorm: ~2x the CPU time of torch's fused rms_norm per call "
-            "(bench/results, profile_P_3b_h100x1_2026-12-06.txt) in a step bound by the CPU's launches"),
     Feature("signal_save.loader_workers", "a SIGTERM sent to every process (preemption, scontrol requeue) kills "
             "the data loader workers: the run resumes from the last periodic checkpoint instead of the signal's "
             "step (USR2, the time limit's signal, still saves)"),
