@@ -25,7 +25,7 @@ CHILD = r'''
 import json, sys, time
 import torch, deepspeed
 from sftjobs.templating import render_template
-in_place = sys.argv[1] == "1"
+in_place, STEPS, WARM = sys.argv[1] == "1", int(sys.argv[2]), int(sys.argv[3])
 torch.manual_seed(0)
 layers = []
 for _ in range(145):  # 145 x (weight, bias, norm weight) = 435 parameters
@@ -50,14 +50,14 @@ mean = lambda v: sum(v[WARM:]) / len(v[WARM:]) * 1e3
 print("RESULT " + json.dumps({"gradients_in_place": in_place, "parameters": sum(1 for _ in model.parameters()),
                               "hooks": len(engine.optimizer._grad_acc_hooks), "backward_ms": round(mean(inside), 1),
                               "boundary_backward_ms": round(mean(boundary), 1), "last_loss": float(loss)}))
-'''.replace("STEPS", str(STEPS)).replace("WARM", str(WARM))
+'''
 
 
 def measure(in_place: bool, port: int) -> dict:
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
            "LOCAL_RANK": "0", "CUDA_VISIBLE_DEVICES": "",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", CHILD, "1" if in_place else "0"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", CHILD, "1" if in_place else "0", str(STEPS), str(WARM)], capture_output=True, text=True,
                           env=env, cwd=REPO, timeout=600)
     if proc.returncode != 0:
         sys.exit(proc.stderr[-3000:])

@@ -72,9 +72,8 @@ PROD_FLAGS = ["--balance-ranks", "--pack-rank-samples", "--skip-idle-micro-steps
                         "--cudnn-attention-bucket", "256"]),
     ("fast", FAST_FLAGS),
     ("fast_fused", FAST_FLAGS),
-    ("P_unfused", PROD_FLAGS[:-1]),
-    ("fast_unfused", ["--balance-ranks", "--per-sample-attention", "--lean-zero-step", "--cudnn-attention-bucket",
-                      "256"]),
+    ("P_unfused", [f for f in PROD_FLAGS if f != "--fused-zero-update"]),
+    ("fast_unfused", [f for f in FAST_FLAGS if f != "--fused-zero-update"]),
     ("P_inplace", PROD_FLAGS),
     ("fast_inplace", FAST_FLAGS),
 ])
