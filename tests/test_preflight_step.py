@@ -13,6 +13,7 @@ import yaml
 
 from sftjobs.errors import SftjobsError
 from sftjobs.node.context import StepContext
+from sftjobs.planning.batch import optimizer_steps
 from sftjobs.planning.dag import build_plan
 from sftjobs.planning.run import plan_run
 from sftjobs.profile import load_profile
@@ -24,7 +25,6 @@ from sftjobs.steps.preflight import (
     check_versions,
     compare_versions,
     estimate_disk,
-    training_steps,
 )
 
 GiB = 2**30
@@ -48,12 +48,12 @@ def gpu_info(n: int, smi: int | None = None, mem: int = 80 * GiB, bf16: bool = T
 # ----------------------------------------------------------------------------- disk
 
 
-def test_training_steps_match_the_plan():
-    assert training_steps(500, 1, 2, 1, 1.0) == 250  # toy: 500 samples, batch 2
+def test_optimizer_steps_match_the_plan():
+    assert optimizer_steps(500, 1, 2, 1, 1.0) == 250  # toy: 500 samples, batch 2
     # prod: 54.5K samples, 8 GPUs x 1 x 2 = 16 per step, 3 epochs
-    assert training_steps(54500, 8, 1, 2, 3.0) == 3 * 3407
-    assert training_steps(54500, 8, 1, 2, 3.0, max_steps=63) == 63
-    assert training_steps(0, 1, 1, 1, 1.0) == 1
+    assert optimizer_steps(54500, 8, 1, 2, 3.0) == 3 * 3407
+    assert optimizer_steps(54500, 8, 1, 2, 3.0, max_steps=63) == 63
+    assert optimizer_steps(0, 1, 1, 1, 1.0) == 1
 
 
 def test_disk_estimate_formula():
@@ -92,7 +92,7 @@ def test_disk_uses_the_train_steps_world_size(tmp_path):
     result = preflight.check_disk(ctx, n_params=3_090_000_000, rows=54500, free=lambda p: 10_000 * GiB)
     full = result["estimates"]["full"]
     assert full["world_size"] == 16  # 2 nodes x 8 GPUs, not the one-node preflight job
-    assert full["total_steps"] == training_steps(54500, 16, 1, 1, 3.0)  # batch.global_size 16 on 16 GPUs: ga 1
+    assert full["total_steps"] == optimizer_steps(54500, 16, 1, 1, 3.0)  # batch.global_size 16 on 16 GPUs: ga 1
 
 
 # ----------------------------------------------------------------------------- versions

@@ -46,6 +46,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from sftjobs.errors import SftjobsError
+from sftjobs.planning.batch import optimizer_steps
 
 SAMPLE_ROWS = 64
 PACKAGES = ("torch", "transformers", "deepspeed", "llamafactory", "accelerate", "flash_attn")
@@ -486,16 +487,6 @@ def check_training_configs(ctx, hidden_size: int | None) -> dict[str, Any]:
 # ============================================================================ (b) disk
 
 
-def training_steps(n_samples: int, world_size: int, per_device: int, grad_accum: int, epochs: float,
-                   max_steps: int | None = None) -> int:
-    """Optimizer steps of a run, as HF's Trainer counts them (max_steps wins when > 0)."""
-    if max_steps and max_steps > 0:
-        return int(max_steps)
-    batches = math.ceil(max(n_samples, 1) / max(world_size * per_device, 1))
-    per_epoch = max(math.ceil(batches / max(grad_accum, 1)), 1)
-    return max(math.ceil(per_epoch * epochs), 1)
-
-
 def estimate_disk(n_params: int, total_steps: int, save_steps: int, save_total_limit: int | None = None,
                   save_only_model: bool = False) -> dict[str, Any]:
     """Bytes a run writes into its output_dir.
@@ -531,7 +522,7 @@ def check_disk(ctx, n_params: int, rows: int, free: Callable[[Path], int] | None
         world = max(res.nodes, 1) * max(res.gpus_per_node, 1)
         cfg = ctx.training_config(target)
         samples = min(rows, int(cfg.get("max_samples") or rows)) if rows else int(cfg.get("max_samples") or 1)
-        steps = training_steps(samples, world, int(cfg.get("per_device_train_batch_size", 8)),
+        steps = optimizer_steps(samples, world, int(cfg.get("per_device_train_batch_size", 8)),
                                int(cfg.get("gradient_accumulation_steps", 1)), float(cfg.get("num_train_epochs", 3.0)),
                                int(cfg.get("max_steps", -1) or -1))
         est = estimate_disk(n_params, steps, int(cfg.get("save_steps", 500)), cfg.get("save_total_limit"),
