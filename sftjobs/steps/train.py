@@ -33,6 +33,7 @@ from sftjobs.errors import SftjobsError, StepStopped
 from sftjobs.fsutil import exclusive_lock
 from sftjobs.node.context import StepContext
 from sftjobs.node.monitor import Sampler
+from sftjobs.trainer.entry import SPEED_SWITCHES, switch_flag
 from sftjobs.waiting import wait_with_signals
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -108,20 +109,7 @@ def training_command(config: Path, resume: Path | None, speed: dict | None = Non
     python = python or sys.executable
     speed = speed or {}
     entry = ["-m", "sftjobs.trainer.entry"]
-    if speed.get("balance_ranks"):
-        entry.append("--balance-ranks")
-    if speed.get("per_sample_attention"):
-        entry.append("--per-sample-attention")
-    if speed.get("pack_rank_samples"):
-        entry.append("--pack-rank-samples")
-    if speed.get("skip_idle_micro_steps"):
-        entry.append("--skip-idle-micro-steps")
-    if speed.get("split_long_samples"):
-        entry.append("--split-long-samples")
-    if speed.get("lean_zero_step"):
-        entry.append("--lean-zero-step")
-    if speed.get("fused_zero_update"):
-        entry.append("--fused-zero-update")
+    entry += [switch_flag(key) for key in SPEED_SWITCHES if speed.get(key)]
     if speed.get("cudnn_attention_bucket"):
         entry += ["--cudnn-attention-bucket", str(int(speed["cudnn_attention_bucket"]))]
     if memory_log is not None:

@@ -520,16 +520,22 @@ def load_callbacks(specs: list[str]) -> list[Any]:
     return found
 
 
+# The profile's speed.* keys that are on/off switches of this entry: speed.KEY true -> --KEY-WITH-DASHES
+# (sftjobs.steps.train.train_command writes them from the rendered speed settings).
+SPEED_SWITCHES = ("balance_ranks", "per_sample_attention", "pack_rank_samples", "skip_idle_micro_steps",
+                  "split_long_samples", "lean_zero_step", "fused_zero_update")
+
+
+def switch_flag(key: str) -> str:
+    """The entry's command-line flag of a speed.* switch."""
+    return "--" + key.replace("_", "-")
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m sftjobs.trainer.entry", description=__doc__.splitlines()[0])
-    parser.add_argument("--balance-ranks", action="store_true")
-    parser.add_argument("--per-sample-attention", action="store_true")
-    parser.add_argument("--pack-rank-samples", action="store_true")
-    parser.add_argument("--skip-idle-micro-steps", action="store_true")
-    parser.add_argument("--split-long-samples", action="store_true")
+    for key in SPEED_SWITCHES:
+        parser.add_argument(switch_flag(key), action="store_true")
     parser.add_argument("--cudnn-attention-bucket", type=int, default=0, metavar="N")
-    parser.add_argument("--lean-zero-step", action="store_true")
-    parser.add_argument("--fused-zero-update", action="store_true")
     parser.add_argument("--memory-log", metavar="PREFIX")
     parser.add_argument("--stop-marker", metavar="PATH",
                         help="save at USR2/SIGTERM, stop, and write this JSON (sftjobs.trainer.signal_save)")
