@@ -113,3 +113,20 @@ def test_the_entry_takes_callback_factories_by_module_and_function(tmp_path, mon
     assert parse_args(["t.yaml"]).callback == [] and load_callbacks([]) == []
     with pytest.raises(SystemExit, match="MODULE:FUNCTION"):
         load_callbacks(["timer_factories"])
+
+
+def test_every_speed_switch_of_the_profile_reaches_the_entry_as_its_flag():
+    from sftjobs.profile import SCHEMA
+    from sftjobs.trainer.entry import SPEED_SWITCHES, parse_args
+
+    # every bool speed.* key is either an entry switch or a rendered DeepSpeed setting (zero1_gradients_in_place)
+    bool_keys = {name.removeprefix("speed.") for name, key in SCHEMA.items()
+                 if name.startswith("speed.") and key.type is bool}
+    assert set(SPEED_SWITCHES) == bool_keys - {"zero1_gradients_in_place"}
+    for key in SPEED_SWITCHES:
+        command = training_command(Path("/r/t.yaml"), None, {key: True}, env={}, python="/py")
+        opts = vars(parse_args(command[3:]))
+        assert [name for name in SPEED_SWITCHES if opts[name]] == [key]
+        assert opts["config"] == "/r/t.yaml"
+    none = vars(parse_args(training_command(Path("/r/t.yaml"), None, {}, env={}, python="/py")[3:]))
+    assert not any(none[name] for name in SPEED_SWITCHES)

@@ -523,8 +523,8 @@ def check_disk(ctx, n_params: int, rows: int, free: Callable[[Path], int] | None
         cfg = ctx.training_config(target)
         samples = min(rows, int(cfg.get("max_samples") or rows)) if rows else int(cfg.get("max_samples") or 1)
         steps = optimizer_steps(samples, world, int(cfg.get("per_device_train_batch_size", 8)),
-                               int(cfg.get("gradient_accumulation_steps", 1)), float(cfg.get("num_train_epochs", 3.0)),
-                               int(cfg.get("max_steps", -1) or -1))
+                                int(cfg.get("gradient_accumulation_steps", 1)), float(cfg.get("num_train_epochs", 3.0)),
+                                int(cfg.get("max_steps", -1) or -1))
         est = estimate_disk(n_params, steps, int(cfg.get("save_steps", 500)), cfg.get("save_total_limit"),
                             bool(cfg.get("save_only_model", False)))
         est.update(output_dir=str(cfg["output_dir"]), samples=samples, world_size=world)

@@ -521,7 +521,7 @@ def load_callbacks(specs: list[str]) -> list[Any]:
 
 
 # The profile's speed.* keys that are on/off switches of this entry: speed.KEY true -> --KEY-WITH-DASHES
-# (sftjobs.steps.train.train_command writes them from the rendered speed settings).
+# (sftjobs.steps.train.training_command writes them from the rendered speed settings).
 SPEED_SWITCHES = ("balance_ranks", "per_sample_attention", "pack_rank_samples", "skip_idle_micro_steps",
                   "split_long_samples", "lean_zero_step", "fused_zero_update")
 
