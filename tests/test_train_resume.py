@@ -123,10 +123,14 @@ def test_every_speed_switch_of_the_profile_reaches_the_entry_as_its_flag():
     bool_keys = {name.removeprefix("speed.") for name, key in SCHEMA.items()
                  if name.startswith("speed.") and key.type is bool}
     assert set(SPEED_SWITCHES) == bool_keys - {"zero1_gradients_in_place"}
+
+    def entry_options(speed):  # the train step's command, parsed by the entry from the arguments after its module
+        command = training_command(Path("/r/t.yaml"), None, speed, env={}, python="/py")
+        return vars(parse_args(command[command.index("sftjobs.trainer.entry") + 1:]))
+
     for key in SPEED_SWITCHES:
-        command = training_command(Path("/r/t.yaml"), None, {key: True}, env={}, python="/py")
-        opts = vars(parse_args(command[3:]))
+        opts = entry_options({key: True})
         assert [name for name in SPEED_SWITCHES if opts[name]] == [key]
         assert opts["config"] == "/r/t.yaml"
-    none = vars(parse_args(training_command(Path("/r/t.yaml"), None, {}, env={}, python="/py")[3:]))
+    none = entry_options({})
     assert not any(none[name] for name in SPEED_SWITCHES)
