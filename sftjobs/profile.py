@@ -209,6 +209,9 @@ SCHEMA: dict[str, Key] = {
                                           "boundary; the same reduction and update. On 1 H100: fast +3.9%, prod "
                                           "no gain; on several GPUs the boundary all-reduces (about twice the "
                                           "traffic), not measured"),
+    "speed.manual_gc": Key(bool, False, help="Python's automatic garbage collection off while training, a full "
+                           "collection every 50 optimizer steps and after each save, on every rank at once "
+                           "(Megatron-LM's --manual-gc); objects outside reference cycles are still freed at once"),
     "speed.cudnn_attention_bucket": Key(int, 0, _at_least(0), help="with per_sample_attention or pack_rank_samples "
                                         "on a GPU: a packed sample with its own attention call runs cuDNN's kernel, "
                                         "padded at its end to a multiple of this many tokens (cuDNN builds one graph "

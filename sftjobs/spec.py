@@ -96,6 +96,7 @@ class SpeedSpec:
     lean_zero_step: bool
     fused_zero_update: bool
     zero1_gradients_in_place: bool
+    manual_gc: bool
 
 
 @dataclass(frozen=True)

@@ -313,6 +313,35 @@ def test_the_benchmark_times_the_entry_through_its_callback_hook(lf_setup):
     assert len(logged(lf_setup, "timed", "loss")) == 6
 
 
+def test_manual_gc_trains_the_same_steps_with_the_collector_off(lf_setup):
+    """speed.manual_gc: from the first optimizer step to the last, Python's automatic collector is off and no
+    collection runs (the interval, 50 steps, is longer than this run; tests/test_manual_gc.py covers it), where the
+    same run without it does collect; it is back on after training, and the losses are the same."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    runs = {}
+    for name, flags in (("gc_auto", []), ("gc_manual", ["--manual-gc"])):
+        probe = lf_setup / f"{name}.json"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "WANDB_DISABLED": "true",
+               "GC_PROBE_OUT": str(probe),
+               "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+        proc = subprocess.run([sys.executable, "-m", "sftjobs.trainer.entry", *flags, "--callback",
+                               "tests.gc_probe:callbacks", str(lf_setup / "train.yaml"),
+                               f"output_dir={lf_setup / name}"],
+                              capture_output=True, text=True, env=env, cwd=lf_setup, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        runs[name] = (json.loads(probe.read_text()), logged(lf_setup, name, "loss"), proc.stderr)
+    (auto, auto_loss, _), (manual, manual_loss, err) = runs["gc_auto"], runs["gc_manual"]
+    assert "speed.manual_gc on: automatic garbage collection off" in err, err[-3000:]
+    assert [s["step"] for s in manual["steps"]] == [1, 2, 3, 4, 5, 6]
+    assert not any(s["gc_enabled"] for s in manual["steps"]) and manual["gc_enabled_at_end"]
+    assert [s["collections"] for s in manual["steps"]] == [0] * 6
+    assert all(s["gc_enabled"] for s in auto["steps"])
+    assert auto["steps"][-1]["collections"] > 0  # without it the collector does run in these steps
+    assert len(auto_loss) == 6 and close(manual_loss, auto_loss, tol=1e-6), (manual_loss, auto_loss)
+
+
 def test_the_lean_zero_step_trains_the_plain_steps_under_zero_1_and_2(lf_setup):
     """speed.lean_zero_step under real DeepSpeed ZeRO-1 and ZeRO-2 (sftjobs' own template; gloo on the CPU, two
     ranks): the losses and gradient norms of DeepSpeed's own step (tests/test_lean_zero_step.py has bf16's part)."""
