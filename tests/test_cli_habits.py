@@ -14,7 +14,7 @@ from sftjobs import __version__
 from sftjobs.cli import build_parser, main
 from tests.conftest import run_cli
 from tests.slurm_helpers import wait_until
-from tests.test_local_executor import FAKE, finished, submit
+from tests.test_local_executor import FAKE, finished, step_states, submit
 
 STEPS = ["data", "model", "preflight", "train", "validate"]
 
@@ -94,5 +94,9 @@ def test_ctrl_c_during_submit_wait_leaves_the_run_going(in_tmp, capsys):
     for command in (f"sftjobs status {run_id}", f"sftjobs logs {run_id} -f", f"sftjobs cancel {run_id}"):
         assert command in err, err
     run_dir = in_tmp / "jobs" / run_id
-    rows = wait_until(lambda: finished(capsys, run_dir), 90, 0.5, "the chain after Ctrl-C")
+    try:
+        rows = wait_until(lambda: finished(capsys, run_dir), 90, 0.5, "the chain after Ctrl-C")
+    except AssertionError as timed_out:  # say where the chain stood, and what the runner logged
+        logs = {p.name: p.read_text()[-1500:] for p in sorted((run_dir / "logs").glob("*"))}
+        raise AssertionError(f"{timed_out}: {step_states(capsys, run_dir)}\n{logs}") from None
     assert {r["state"] for r in rows.values()} == {"COMPLETED"}
