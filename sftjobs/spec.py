@@ -97,6 +97,7 @@ class SpeedSpec:
     fused_zero_update: bool
     zero1_gradients_in_place: bool
     manual_gc: bool
+    liger_chunk_mem_const: int
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,8 @@ def test_training_command_single_process_and_torchrun():
     cudnn = training_command(Path("/r/t.yaml"), None, {"per_sample_attention": True, "cudnn_attention_bucket": 256},
                              env={})
     assert cudnn[1:6] == ["-m", "sftjobs.trainer.entry", "--per-sample-attention", "--cudnn-attention-bucket", "256"]
+    chunks = training_command(Path("/r/t.yaml"), None, {"liger_chunk_mem_const": 8}, env={})
+    assert chunks[1:6] == ["-m", "sftjobs.trainer.entry", "--liger-chunk-mem-const", "8", "/r/t.yaml"]
     timed = training_command(Path("/r/t.yaml"), None, {"balance_ranks": True}, env={},
                              callbacks=("bench.step_timer:callbacks",))
     assert timed[1:] == ["-m", "sftjobs.trainer.entry", "--balance-ranks", "--callback", "bench.step_timer:callbacks",

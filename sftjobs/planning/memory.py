@@ -170,10 +170,18 @@ class Workload:
     attention: str = "auto"        # train.flash_attn: disabled = eager attention (quadratic in tokens)
     block_mask: bool = False       # neat_packing with LLaMA-Factory's 4D block-diagonal mask
     fused_update: bool = False     # speed.fused_zero_update: ZeRO-1/2's step makes no fp32 gradient copy
+    loss_chunk_mem: int = 1        # speed.liger_chunk_mem_const: Liger's chunk budget (its chunk_mem_const)
 
     @property
     def tokens(self) -> int:
         return self.cutoff_len * self.batch_size
+
+
+def liger_chunk_tokens(tokens: int, vocab: int, hidden: int, chunk_mem_const: int = 1) -> int:
+    """Tokens per chunk of Liger 0.8.5's fused linear cross-entropy (ops/fused_linear_cross_entropy.py): the
+    transient logits stay within chunk_mem_const x tokens x hidden elements."""
+    inc_factor = -(-vocab // (chunk_mem_const * hidden))
+    return min(1 << (-(-tokens // inc_factor) - 1).bit_length(), tokens)
 
 
 def activation_bytes(s: ModelShape, w: Workload, recompute: bool) -> dict[str, int]:
@@ -188,8 +196,8 @@ def activation_bytes(s: ModelShape, w: Workload, recompute: bool) -> dict[str, i
     if w.liger:
         # Fused linear cross-entropy: chunked logits, gradients computed in the forward pass (the lm_head's
         # weight gradient, V x h in bf16, and the input gradient) and kept until the backward pass.
-        # Liger's chunk: next_power_of_2(ceil(tokens / ceil(vocab / hidden))) rows of logits at a time
-        chunk = 1 << (-(-t // -(-s.vocab // s.hidden)) - 1).bit_length()
+        # Liger's chunk: next_power_of_2(ceil(tokens / ceil(vocab / (chunk_mem_const * hidden)))) rows of logits
+        chunk = liger_chunk_tokens(t, s.vocab, s.hidden, w.loss_chunk_mem)
         logits = 2 * s.vocab * s.hidden + 2 * t * s.hidden + 4 * chunk * s.vocab
     else:
         logits = CE_BYTES_PER_LOGIT * t * s.vocab
@@ -268,7 +276,7 @@ def _workload(train: dict[str, Any], speed: dict[str, Any]) -> Workload:
     return Workload(cutoff_len=int(train.get("cutoff_len", LF_DEFAULT_CUTOFF)),
                     batch_size=int(train.get("per_device_train_batch_size", HF_DEFAULT_BATCH)),
                     liger=bool(train.get("enable_liger_kernel")), attention=attention, block_mask=block_mask,
-                    fused_update=fused_update)
+                    fused_update=fused_update, loss_chunk_mem=int(speed.get("liger_chunk_mem_const") or 1))
 
 
 def choose_layout(shape: ModelShape, world: int, w: Workload, gpu_memory_gib: float,
@@ -371,6 +379,7 @@ def plan_memory(profile: Profile, model_dir: str | None) -> dict[str, Any] | Non
         "per_device_train_batch_size": w.batch_size, "liger": w.liger,
         "packing": bool(train.get("packing") or train.get("neat_packing")), "neat_packing": bool(train.get("neat_packing")),
         "attention": w.attention, "recompute_from_profile": fixed_recompute, "fused_zero_update": w.fused_update,
+        "liger_chunk_mem_const": w.loss_chunk_mem,
     }
     return {"mode": "auto" if deepspeed == "auto" else "fixed", "inputs": inputs, "candidates": candidates,
             "stage": stage, "recompute": recompute, "disable_gradient_checkpointing": not recompute,

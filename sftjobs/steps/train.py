@@ -112,6 +112,8 @@ def training_command(config: Path, resume: Path | None, speed: dict | None = Non
     entry += [switch_flag(key) for key in SPEED_SWITCHES if speed.get(key)]
     if speed.get("cudnn_attention_bucket"):
         entry += ["--cudnn-attention-bucket", str(int(speed["cudnn_attention_bucket"]))]
+    if speed.get("liger_chunk_mem_const"):
+        entry += ["--liger-chunk-mem-const", str(int(speed["liger_chunk_mem_const"]))]
     if memory_log is not None:
         entry += ["--memory-log", str(memory_log)]
     if stop_marker is not None:

@@ -536,6 +536,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for key in SPEED_SWITCHES:
         parser.add_argument(switch_flag(key), action="store_true")
     parser.add_argument("--cudnn-attention-bucket", type=int, default=0, metavar="N")
+    parser.add_argument("--liger-chunk-mem-const", type=int, default=0, metavar="N",
+                        help="Liger's fused linear cross-entropy with this chunk_mem_const (0: Liger's default)")
     parser.add_argument("--memory-log", metavar="PREFIX")
     parser.add_argument("--stop-marker", metavar="PATH",
                         help="save at USR2/SIGTERM, stop, and write this JSON (sftjobs.trainer.signal_save)")
@@ -582,6 +584,10 @@ def main(argv: list[str] | None = None) -> None:
         per_sample_attention.install(log=log)
     if opts.cudnn_attention_bucket:
         install_cudnn_attention(opts.cudnn_attention_bucket, opts.config, opts.overrides)
+    if opts.liger_chunk_mem_const:
+        from sftjobs.trainer import liger_loss_chunks
+
+        liger_loss_chunks.install(opts.liger_chunk_mem_const, log=log)
     if opts.lean_zero_step:
         from sftjobs.trainer import lean_zero_step
 
