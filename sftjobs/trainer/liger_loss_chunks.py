@@ -21,8 +21,6 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-TARGET = "liger_kernel.transformers.functional:liger_fused_linear_cross_entropy"
-
 
 def install(chunk_mem_const: int, log: Callable[[str], None] | None = None) -> None:
     """Make ``chunk_mem_const`` the default of Liger's functional fused linear cross-entropy, which its causal-LM
