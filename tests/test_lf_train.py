@@ -66,6 +66,28 @@ def train(root, name, *args, ranks=1, port=29641):
     return logged(root, name, "loss"), proc.stderr
 
 
+def train_probed(root, name, *flags):
+    """The entry with ``flags``, and tests/gc_probe.py's callback recording the garbage collector at each step:
+    the losses, stderr, and the probe's record."""
+    from pathlib import Path
+
+    probe = root / f"{name}_gc.json"
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "WANDB_DISABLED": "true",
+           "GC_PROBE_OUT": str(probe), "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "sftjobs.trainer.entry", *flags, "--callback",
+                           "tests.gc_probe:callbacks", str(root / "train.yaml"), f"output_dir={root / name}"],
+                          capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return logged(root, name, "loss"), proc.stderr, json.loads(probe.read_text())
+
+
+@pytest.fixture(scope="module")
+def entry_run(lf_setup):
+    """The entry with no speed option (and the garbage collector's probe, which changes nothing it computes)."""
+    return train_probed(lf_setup, "entry")
+
+
 def logged(root, name, key):
     """One value per logging step: from the run's trainer_log.jsonl (loss, lr, ...), else from the log history
     of its trainer_state.json (grad_norm, which LLaMA-Factory's trainer_log.jsonl leaves out)."""
@@ -245,7 +267,7 @@ def test_short_samples_in_runs_share_one_varlen_call_and_long_ones_get_sdpa():
     assert len(row_pieces([row], "cpu", False)[0]) == len(lengths)
 
 
-def test_the_entry_trains_as_llamafactory_cli_does(lf_setup):
+def test_the_entry_trains_as_llamafactory_cli_does(lf_setup, entry_run):
     """Same YAML, stock `llamafactory-cli train` vs sftjobs' entry (which leaves one-row batches unpadded, so
     SDPA gets no mask): the same losses."""
     import shutil
@@ -258,7 +280,7 @@ def test_the_entry_trains_as_llamafactory_cli_does(lf_setup):
     assert proc.returncode == 0, proc.stderr[-3000:]
     stock = [json.loads(line)["loss"] for line in (lf_setup / "stock" / "trainer_log.jsonl").read_text().splitlines()
              if '"loss"' in line]
-    ours, _ = train(lf_setup, "entry")
+    ours = entry_run[0]
     assert len(stock) == 6 and close(ours, stock), (ours, stock)
 
 
@@ -313,26 +335,13 @@ def test_the_benchmark_times_the_entry_through_its_callback_hook(lf_setup):
     assert len(logged(lf_setup, "timed", "loss")) == 6
 
 
-def test_manual_gc_trains_the_same_steps_with_the_collector_off(lf_setup):
+def test_manual_gc_trains_the_same_steps_with_the_collector_off(lf_setup, entry_run):
     """speed.manual_gc: from the first optimizer step to the last, Python's automatic collector is off and no
     collection runs (the interval, 50 steps, is longer than this run; tests/test_manual_gc.py covers it), where the
-    same run without it does collect; it is back on after training, and the losses are the same."""
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
-    runs = {}
-    for name, flags in (("gc_auto", []), ("gc_manual", ["--manual-gc"])):
-        probe = lf_setup / f"{name}.json"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "WANDB_DISABLED": "true",
-               "GC_PROBE_OUT": str(probe),
-               "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
-        proc = subprocess.run([sys.executable, "-m", "sftjobs.trainer.entry", *flags, "--callback",
-                               "tests.gc_probe:callbacks", str(lf_setup / "train.yaml"),
-                               f"output_dir={lf_setup / name}"],
-                              capture_output=True, text=True, env=env, cwd=lf_setup, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        runs[name] = (json.loads(probe.read_text()), logged(lf_setup, name, "loss"), proc.stderr)
-    (auto, auto_loss, _), (manual, manual_loss, err) = runs["gc_auto"], runs["gc_manual"]
+    same run without it (the entry's plain run) does collect; it is back on after training, and the losses are the
+    same."""
+    auto_loss, _, auto = entry_run
+    manual_loss, err, manual = train_probed(lf_setup, "gc_manual", "--manual-gc")
     assert "speed.manual_gc on: automatic garbage collection off" in err, err[-3000:]
     assert [s["step"] for s in manual["steps"]] == [1, 2, 3, 4, 5, 6]
     assert not any(s["gc_enabled"] for s in manual["steps"]) and manual["gc_enabled_at_end"]
