@@ -216,7 +216,7 @@ SCHEMA: dict[str, Key] = {
                                        "linear cross-entropy walks the tokens in chunks whose logits stay within "
                                        "this many x tokens x hidden elements (Liger's chunk_mem_const); larger = "
                                        "fewer, larger chunks, fewer passes over the lm_head's weight gradient, "
-                                       "more transient memory; 0 = Liger's default (1)"),
+                                       "more transient memory; 0 = Liger's default (1); no effect without Liger"),
     "speed.cudnn_attention_bucket": Key(int, 0, _at_least(0), help="with per_sample_attention or pack_rank_samples "
                                         "on a GPU: a packed sample with its own attention call runs cuDNN's kernel, "
                                         "padded at its end to a multiple of this many tokens (cuDNN builds one graph "
@@ -607,9 +607,6 @@ def _validate_relations(v: dict[str, Any], where: str) -> None:
                                                       or v["speed"]["pack_rank_samples"]):
         raise SftjobsError(f"{where}: speed.cudnn_attention_bucket sets the kernel of sftjobs' per-sample attention; "
                            "it needs speed.per_sample_attention or speed.pack_rank_samples (or set it to 0).")
-    if v["speed"]["liger_chunk_mem_const"] and not v["train"].get("enable_liger_kernel"):
-        raise SftjobsError(f"{where}: speed.liger_chunk_mem_const sizes the chunks of Liger's fused linear "
-                           "cross-entropy; it needs train.enable_liger_kernel: true (or set it to 0).")
     if v["speed"]["skip_idle_micro_steps"] and not v["speed"]["pack_rank_samples"]:
         raise SftjobsError(f"{where}: speed.skip_idle_micro_steps needs speed.pack_rank_samples: true (only packed "
                            "steps have micro-steps with nothing to compute); turn one on or this off.")

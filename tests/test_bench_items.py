@@ -28,8 +28,8 @@ ITEMS = load("summarize_prod").read_items()
 
 def test_the_items_are_the_ones_behind_the_readmes_numbers():
     assert list(ITEMS) == ["A", "P", "P_nodsfused", "P_fused", "P_compile", "P_zerostock", "P_unfused", "P_inplace",
-                           "P_gc", "P_chunks", "fast", "fast_fused", "fast_zerostock", "fast_unfused", "fast_inplace",
-                           "fast_gc", "fast_chunks",
+                           "P_gc", "P_liger1", "fast", "fast_fused", "fast_zerostock", "fast_unfused", "fast_inplace",
+                           "fast_gc", "fast_liger1",
                            "chain", "toy",
                            "requeue_save", "data_step", "submit_status", "queue_waits"]
     assert all(item["where"] in ("gpu", "chain", "device", "cpu") and item["what"] for item in ITEMS.values())
@@ -58,9 +58,9 @@ def overrides(item: dict[str, str], gpus: int = 1, gib: int = 139) -> list[str]:
 
 
 FAST_FLAGS = ["--balance-ranks", "--per-sample-attention", "--lean-zero-step", "--fused-zero-update",
-              "--cudnn-attention-bucket", "256"]
+              "--cudnn-attention-bucket", "256", "--liger-chunk-mem-const", "8"]
 PROD_FLAGS = ["--balance-ranks", "--pack-rank-samples", "--skip-idle-micro-steps", "--split-long-samples",
-              "--lean-zero-step", "--fused-zero-update"]
+              "--lean-zero-step", "--fused-zero-update", "--liger-chunk-mem-const", "8"]
 
 
 @pytest.mark.parametrize("name, flags", [
@@ -69,15 +69,17 @@ PROD_FLAGS = ["--balance-ranks", "--pack-rank-samples", "--skip-idle-micro-steps
     ("P_nodsfused", PROD_FLAGS),
     ("P_fused", PROD_FLAGS),
     ("P_zerostock", ["--balance-ranks", "--pack-rank-samples", "--skip-idle-micro-steps", "--split-long-samples",
-                     "--fused-zero-update"]),
+                     "--fused-zero-update", "--liger-chunk-mem-const", "8"]),
     ("fast_zerostock", ["--balance-ranks", "--per-sample-attention", "--fused-zero-update",
-                        "--cudnn-attention-bucket", "256"]),
+                        "--cudnn-attention-bucket", "256", "--liger-chunk-mem-const", "8"]),
     ("fast", FAST_FLAGS),
     ("fast_fused", FAST_FLAGS),
     ("P_unfused", [f for f in PROD_FLAGS if f != "--fused-zero-update"]),
     ("fast_unfused", [f for f in FAST_FLAGS if f != "--fused-zero-update"]),
     ("P_inplace", PROD_FLAGS),
     ("fast_inplace", FAST_FLAGS),
+    ("P_liger1", PROD_FLAGS[:-2]),
+    ("fast_liger1", FAST_FLAGS[:-2]),
 ])
 def test_each_gpu_item_runs_the_train_steps_command_with_the_timer(name, flags, tmp_path):
     item = ITEMS[name]

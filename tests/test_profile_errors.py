@@ -66,8 +66,6 @@ CASES = [
      ["speed.cudnn_attention_bucket", "speed.per_sample_attention", "speed.pack_rank_samples"]),
     ("cudnn-bucket-negative", "extends: fast\nspeed:\n  cudnn_attention_bucket: -1\n", [],
      ["speed.cudnn_attention_bucket"]),
-    ("liger-chunks-without-liger", "extends: toy\nspeed:\n  liger_chunk_mem_const: 8\n", [],
-     ["speed.liger_chunk_mem_const", "train.enable_liger_kernel: true"]),
     ("liger-chunks-negative", "extends: prod\nspeed:\n  liger_chunk_mem_const: -1\n", [],
      ["speed.liger_chunk_mem_const"]),
     ("balance-ranks-not-bool", "extends: toy\nspeed:\n  balance_ranks: maybe\n", [], ["speed.balance_ranks", "true/false"]),
