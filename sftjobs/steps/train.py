@@ -33,7 +33,7 @@ from sftjobs.errors import SftjobsError, StepStopped
 from sftjobs.fsutil import exclusive_lock
 from sftjobs.node.context import StepContext
 from sftjobs.node.monitor import Sampler
-from sftjobs.trainer.entry import SPEED_SWITCHES, switch_flag
+from sftjobs.trainer.entry import SPEED_SWITCHES, SPEED_VALUES, switch_flag
 from sftjobs.waiting import wait_with_signals
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -110,10 +110,9 @@ def training_command(config: Path, resume: Path | None, speed: dict | None = Non
     speed = speed or {}
     entry = ["-m", "sftjobs.trainer.entry"]
     entry += [switch_flag(key) for key in SPEED_SWITCHES if speed.get(key)]
-    if speed.get("cudnn_attention_bucket"):
-        entry += ["--cudnn-attention-bucket", str(int(speed["cudnn_attention_bucket"]))]
-    if speed.get("liger_chunk_mem_const"):
-        entry += ["--liger-chunk-mem-const", str(int(speed["liger_chunk_mem_const"]))]
+    for key in SPEED_VALUES:
+        if speed.get(key):
+            entry += [switch_flag(key), str(int(speed[key]))]
     if memory_log is not None:
         entry += ["--memory-log", str(memory_log)]
     if stop_marker is not None:

@@ -524,6 +524,9 @@ def load_callbacks(specs: list[str]) -> list[Any]:
 # (sftjobs.steps.train.training_command writes them from the rendered speed settings).
 SPEED_SWITCHES = ("balance_ranks", "per_sample_attention", "pack_rank_samples", "skip_idle_micro_steps",
                   "split_long_samples", "lean_zero_step", "fused_zero_update", "manual_gc")
+# The profile's integer speed.* keys that are options of this entry: speed.KEY N (N > 0) -> --KEY-WITH-DASHES N
+SPEED_VALUES = {"cudnn_attention_bucket": "packed samples' attention on cuDNN, padded to a multiple of N tokens",
+                "liger_chunk_mem_const": "Liger's fused linear cross-entropy with this chunk_mem_const"}
 
 
 def switch_flag(key: str) -> str:
@@ -535,9 +538,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m sftjobs.trainer.entry", description=__doc__.splitlines()[0])
     for key in SPEED_SWITCHES:
         parser.add_argument(switch_flag(key), action="store_true")
-    parser.add_argument("--cudnn-attention-bucket", type=int, default=0, metavar="N")
-    parser.add_argument("--liger-chunk-mem-const", type=int, default=0, metavar="N",
-                        help="Liger's fused linear cross-entropy with this chunk_mem_const (0: Liger's default)")
+    for key, what in SPEED_VALUES.items():
+        parser.add_argument(switch_flag(key), type=int, default=0, metavar="N", help=f"{what} (0: off)")
     parser.add_argument("--memory-log", metavar="PREFIX")
     parser.add_argument("--stop-marker", metavar="PATH",
                         help="save at USR2/SIGTERM, stop, and write this JSON (sftjobs.trainer.signal_save)")
