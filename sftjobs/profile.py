@@ -209,9 +209,6 @@ SCHEMA: dict[str, Key] = {
                                           "boundary; the same reduction and update. On 1 H100: fast +3.9%, prod "
                                           "no gain; on several GPUs the boundary all-reduces (about twice the "
                                           "traffic), not measured"),
-    "speed.manual_gc": Key(bool, False, help="Python's automatic garbage collection off while training, a full "
-                           "collection every 50 optimizer steps and after each save, on every rank at once "
-                           "(Megatron-LM's --manual-gc); objects outside reference cycles are still freed at once"),
     "speed.liger_chunk_mem_const": Key(int, 0, _at_least(0), help="with train.enable_liger_kernel: Liger's fused "
                                        "linear cross-entropy walks the tokens in chunks whose logits stay within "
                                        "this many x tokens x hidden elements (Liger's chunk_mem_const); larger = "

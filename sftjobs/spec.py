@@ -96,7 +96,6 @@ class SpeedSpec:
     lean_zero_step: bool
     fused_zero_update: bool
     zero1_gradients_in_place: bool
-    manual_gc: bool
     liger_chunk_mem_const: int
 
 

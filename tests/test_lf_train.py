@@ -66,26 +66,10 @@ def train(root, name, *args, ranks=1, port=29641):
     return logged(root, name, "loss"), proc.stderr
 
 
-def train_probed(root, name, *flags):
-    """The entry with ``flags``, and tests/gc_probe.py's callback recording the garbage collector at each step:
-    the losses, stderr, and the probe's record."""
-    from pathlib import Path
-
-    probe = root / f"{name}_gc.json"
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "WANDB_DISABLED": "true",
-           "GC_PROBE_OUT": str(probe), "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "sftjobs.trainer.entry", *flags, "--callback",
-                           "tests.gc_probe:callbacks", str(root / "train.yaml"), f"output_dir={root / name}"],
-                          capture_output=True, text=True, env=env, cwd=root, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return logged(root, name, "loss"), proc.stderr, json.loads(probe.read_text())
-
-
 @pytest.fixture(scope="module")
 def entry_run(lf_setup):
-    """The entry with no speed option (and the garbage collector's probe, which changes nothing it computes)."""
-    return train_probed(lf_setup, "entry")
+    """The entry with no speed option: its losses and stderr."""
+    return train(lf_setup, "entry")
 
 
 def logged(root, name, key):
@@ -333,22 +317,6 @@ def test_the_benchmark_times_the_entry_through_its_callback_hook(lf_setup):
     assert 0 < rec["tokens"][0] < rec["tokens"][-1] <= rec["all_tokens"][-1]
     assert len(rec["phases"]) == 6
     assert len(logged(lf_setup, "timed", "loss")) == 6
-
-
-def test_manual_gc_trains_the_same_steps_with_the_collector_off(lf_setup, entry_run):
-    """speed.manual_gc: from the first optimizer step to the last, Python's automatic collector is off and no
-    collection runs (the interval, 50 steps, is longer than this run; tests/test_manual_gc.py covers it), where the
-    same run without it (the entry's plain run) does collect; it is back on after training, and the losses are the
-    same."""
-    auto_loss, _, auto = entry_run
-    manual_loss, err, manual = train_probed(lf_setup, "gc_manual", "--manual-gc")
-    assert "speed.manual_gc on: automatic garbage collection off" in err, err[-3000:]
-    assert [s["step"] for s in manual["steps"]] == [1, 2, 3, 4, 5, 6]
-    assert not any(s["gc_enabled"] for s in manual["steps"]) and manual["gc_enabled_at_end"]
-    assert [s["collections"] for s in manual["steps"]] == [0] * 6
-    assert all(s["gc_enabled"] for s in auto["steps"])
-    assert auto["steps"][-1]["collections"] > 0  # without it the collector does run in these steps
-    assert len(auto_loss) == 6 and close(manual_loss, auto_loss, tol=1e-6), (manual_loss, auto_loss)
 
 
 def test_the_lean_zero_step_trains_the_plain_steps_under_zero_1_and_2(lf_setup):

@@ -523,7 +523,7 @@ def load_callbacks(specs: list[str]) -> list[Any]:
 # The profile's speed.* keys that are on/off switches of this entry: speed.KEY true -> --KEY-WITH-DASHES
 # (sftjobs.steps.train.training_command writes them from the rendered speed settings).
 SPEED_SWITCHES = ("balance_ranks", "per_sample_attention", "pack_rank_samples", "skip_idle_micro_steps",
-                  "split_long_samples", "lean_zero_step", "fused_zero_update", "manual_gc")
+                  "split_long_samples", "lean_zero_step", "fused_zero_update")
 # The profile's integer speed.* keys that are options of this entry: speed.KEY N (N > 0) -> --KEY-WITH-DASHES N
 SPEED_VALUES = {"cudnn_attention_bucket": "packed samples' attention on cuDNN, padded to a multiple of N tokens",
                 "liger_chunk_mem_const": "Liger's fused linear cross-entropy with this chunk_mem_const"}
@@ -598,10 +598,6 @@ def main(argv: list[str] | None = None) -> None:
         from sftjobs.trainer import fused_zero_update
 
         fused_zero_update.install(log=log)
-    if opts.manual_gc:
-        from sftjobs.trainer.manual_gc import ManualGC
-
-        callbacks.append(ManualGC(log=log))
     if opts.memory_log:
         callbacks.append(make_memory_callback(opts.memory_log))
     from llamafactory.train.tuner import run_exp
