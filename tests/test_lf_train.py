@@ -66,12 +66,6 @@ def train(root, name, *args, ranks=1, port=29641):
     return logged(root, name, "loss"), proc.stderr
 
 
-@pytest.fixture(scope="module")
-def entry_run(lf_setup):
-    """The entry with no speed option: its losses and stderr."""
-    return train(lf_setup, "entry")
-
-
 def logged(root, name, key):
     """One value per logging step: from the run's trainer_log.jsonl (loss, lr, ...), else from the log history
     of its trainer_state.json (grad_norm, which LLaMA-Factory's trainer_log.jsonl leaves out)."""
@@ -251,7 +245,7 @@ def test_short_samples_in_runs_share_one_varlen_call_and_long_ones_get_sdpa():
     assert len(row_pieces([row], "cpu", False)[0]) == len(lengths)
 
 
-def test_the_entry_trains_as_llamafactory_cli_does(lf_setup, entry_run):
+def test_the_entry_trains_as_llamafactory_cli_does(lf_setup):
     """Same YAML, stock `llamafactory-cli train` vs sftjobs' entry (which leaves one-row batches unpadded, so
     SDPA gets no mask): the same losses."""
     import shutil
@@ -264,7 +258,7 @@ def test_the_entry_trains_as_llamafactory_cli_does(lf_setup, entry_run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     stock = [json.loads(line)["loss"] for line in (lf_setup / "stock" / "trainer_log.jsonl").read_text().splitlines()
              if '"loss"' in line]
-    ours = entry_run[0]
+    ours, _ = train(lf_setup, "entry")
     assert len(stock) == 6 and close(ours, stock), (ours, stock)
 
 
