@@ -284,14 +284,7 @@ def make_random_qwen2(
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir), safe_serialization=True)
-    del model
-    if tokenizer_dir.resolve() != out_dir.resolve():
-        for name in TOKENIZER_FILES:
-            if (tokenizer_dir / name).is_file():
-                shutil.copyfile(tokenizer_dir / name, out_dir / name)
-    return out_dir
+    return _save_beside_tokenizer(model, out_dir, tokenizer_dir)
 
 
 def make_tiny_qwen2(
@@ -318,6 +311,11 @@ def make_tiny_qwen2(
     cfg = qwen2_config_from_dims(dims, tokenizer, "tiny")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    return _save_beside_tokenizer(model, out_dir, tokenizer_dir)
+
+
+def _save_beside_tokenizer(model, out_dir: Path, tokenizer_dir: Path) -> Path:
+    """Save ``model`` (safetensors) in ``out_dir`` and copy the tokenizer's files from ``tokenizer_dir`` beside it."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     if tokenizer_dir.resolve() != out_dir.resolve():
