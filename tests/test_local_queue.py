@@ -74,3 +74,33 @@ def test_two_data_steps_into_one_data_folder_at_once(in_tmp):
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         assert rows and all("conversations" in row for row in rows), path
     wait_until(lambda: not list(shared.glob(".*.tmp")), 5, 0.2, "no temp files left")
+
+
+def test_a_job_shows_running_only_once_it_starts(in_tmp):
+    """The runner leaves a job PENDING until the job says it started (a training: once it holds its slot), so a
+    training waiting for the slot never shows RUNNING beside the one that holds it."""
+    from sftjobs.executors import local
+    from sftjobs.planning.dag import build_plan
+    from sftjobs.profile import load_profile
+
+    plan = build_plan(load_profile("toy"))
+    run_dir = in_tmp / "run"
+    (run_dir / "local").mkdir(parents=True)
+    state = local.ChainState(run_dir)
+    state.write(local.initial_state(plan, os.getpid()))
+    seen: list[tuple[str, str, str]] = []
+
+    def invoke(step, rd, started, waiting):
+        seen.append((step.name, "entry", state.read()["steps"][step.name]["state"]))
+        if step.kind == "train":
+            waiting("LocalTrainingSlot: test")
+            seen.append((step.name, "waiting", state.read()["steps"][step.name]["state"]))
+        started()
+        seen.append((step.name, "started", state.read()["steps"][step.name]["state"]))
+        return 0
+
+    assert local.ChainRunner(plan, run_dir, invoke).run()
+    assert {s.name for s in plan.steps if s.kind == "train"} & {name for name, _, _ in seen}, seen
+    for name, moment, job_state in seen:
+        assert job_state == ("RUNNING" if moment == "started" else "PENDING"), (name, moment, seen)
+    assert all(e["state"] == "COMPLETED" for e in state.read()["steps"].values())

@@ -63,7 +63,9 @@ class ChainRunner:
     that runs several steps keeps one state for all of them here, as Slurm does for a job; status reads each step's
     own record for its row."""
 
-    def __init__(self, plan: Plan, run_dir: Path, invoke: Callable[[Step, Path], int]):
+    def __init__(self, plan: Plan, run_dir: Path, invoke: Callable[..., int]):
+        # invoke(step, run_dir, started, waiting) runs a job's host step and returns its exit code; it calls
+        # started() when the job really starts (a training after it got its slot), waiting(reason) while it waits
         self.plan, self.run_dir, self.invoke = plan, run_dir, invoke
         self.state = ChainState(run_dir)
 
@@ -84,8 +86,10 @@ class ChainRunner:
                 self.update(host, state="CANCELLED", ended=time.time(),
                             reason=f"DependencyNeverSatisfied ({broken[0]} {steps[broken[0]]['state']})")
                 continue
-            self.update(host, state="RUNNING", reason="", started=time.time(), pid=os.getpid())
-            code = self.invoke(step, self.run_dir)
+            code = self.invoke(step, self.run_dir,
+                               lambda host=host: self.update(host, state="RUNNING", reason="", started=time.time(),
+                                                             pid=os.getpid()),
+                               lambda why, host=host: self.update(host, state="PENDING", reason=why))
             current = self.state.read()["steps"][host]["state"]
             if current == "CANCELLED":
                 continue
@@ -180,7 +184,11 @@ class DebugExecutor(LocalExecutor):
 
         state = ChainState(run_dir)
         state.write(initial_state(plan, os.getpid()))
-        ChainRunner(plan, run_dir, lambda step, rd: step_main([step.name, "--run-dir", str(rd)])).run()
+        def invoke(step: Step, rd: Path, started: Callable[[], None], waiting: Callable[[str], None]) -> int:
+            started()
+            return step_main([step.name, "--run-dir", str(rd)])
+
+        ChainRunner(plan, run_dir, invoke).run()
         return job_ids(plan, os.getpid())
 
 
@@ -274,17 +282,18 @@ def _runner_main(run_dir: Path) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
 
-    def invoke(step: Step, rd: Path) -> int:
-        def started(pid: int) -> None:
+    def invoke(step: Step, rd: Path, started: Callable[[], None], waiting: Callable[[str], None]) -> int:
+        def on_pid(pid: int) -> None:
             current["pid"] = pid
             state.update(step.name, pid=pid)
         if step.kind != "train":
-            code = _run_script(step, rd, started)
+            started()
+            code = _run_script(step, rd, on_pid)
         else:
-            with training_slot(step.resources.local_trainings,
-                               lambda why: state.update(step.name, state="PENDING", reason=why),
-                               lambda: state.update(step.name, state="RUNNING", reason="", started=time.time())):
-                code = _run_script(step, rd, started)
+            # RUNNING only once the slot is taken: until then the job shows PENDING (LocalTrainingSlot), never
+            # RUNNING beside the training that holds the slot
+            with training_slot(step.resources.local_trainings, waiting, started):
+                code = _run_script(step, rd, on_pid)
         current["pid"] = None
         return code
 
