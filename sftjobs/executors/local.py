@@ -58,14 +58,17 @@ def step_log(run_dir: Path, step: str) -> Path:
     return run_dir / "logs" / f"{step}.log"
 
 
+# invoke(step, run_dir, started, waiting) runs a job's host step and returns its exit code; it calls started() when
+# the job really starts (a training once it holds its slot) and waiting(reason) while it waits
+Invoke = Callable[[Step, Path, Callable[[], None], Callable[[str], None]], int]
+
+
 class ChainRunner:
     """Runs a plan's jobs in order; a failed job cancels everything downstream (DependencyNeverSatisfied). A job
     that runs several steps keeps one state for all of them here, as Slurm does for a job; status reads each step's
     own record for its row."""
 
-    def __init__(self, plan: Plan, run_dir: Path, invoke: Callable[..., int]):
-        # invoke(step, run_dir, started, waiting) runs a job's host step and returns its exit code; it calls
-        # started() when the job really starts (a training after it got its slot), waiting(reason) while it waits
+    def __init__(self, plan: Plan, run_dir: Path, invoke: Invoke):
         self.plan, self.run_dir, self.invoke = plan, run_dir, invoke
         self.state = ChainState(run_dir)
 
@@ -184,6 +187,7 @@ class DebugExecutor(LocalExecutor):
 
         state = ChainState(run_dir)
         state.write(initial_state(plan, os.getpid()))
+
         def invoke(step: Step, rd: Path, started: Callable[[], None], waiting: Callable[[str], None]) -> int:
             started()
             return step_main([step.name, "--run-dir", str(rd)])
