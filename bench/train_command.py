@@ -11,6 +11,7 @@ timer reads), --stop-marker and --save-log are left out: they serve a long run, 
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
@@ -27,8 +28,10 @@ def script(run_dir: Path, nproc: int, port: int, python: str = "python3") -> str
     profile = (yaml.safe_load((run_dir / "profile.yaml").read_text(encoding="utf-8")) or {}).get("values") or {}
     env = {"FORCE_TORCHRUN": "1", "NNODES": "1", "NODE_RANK": "0", "NPROC_PER_NODE": str(nproc),
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    memory_plan = json.loads((run_dir / "plan.json").read_text(encoding="utf-8")).get("memory_plan") or {}
     command = training_command(run_dir / "llamafactory" / "train.yaml", None, profile.get("speed") or {},
-                               env=env, python=python, callbacks=(TIMER,))
+                               env=env, python=python, callbacks=(TIMER,),
+                               recompute_by_tokens=memory_plan.get("recompute_by_tokens"))
     defaults = {k: v for k, v in launch_env({}).items() if k not in os.environ}
     lines = ["set -e", "# launcher.setup of the rendered profile", *(profile.get("launcher") or {}).get("setup", []),
              "# llamafactory-cli's torchrun defaults (sftjobs.steps.train.launch_env)",

@@ -209,6 +209,10 @@ SCHEMA: dict[str, Key] = {
                                           "boundary; the same reduction and update. On 1 H100: fast +3.9%, prod "
                                           "no gain; on several GPUs the boundary all-reduces (about twice the "
                                           "traffic), not measured"),
+    "speed.recompute_by_length": Key(bool, False, help="where the memory plan picks recompute: each micro-batch "
+                                     "recomputes only as many decoder layers as its own length needs to fit (the "
+                                     "plan's estimate, per token count), instead of every layer for every "
+                                     "micro-batch; the same loss and gradients"),
     "speed.liger_chunk_mem_const": Key(int, 0, _at_least(0), help="with train.enable_liger_kernel: Liger's fused "
                                        "linear cross-entropy walks the tokens in chunks whose logits stay within "
                                        "this many x tokens x hidden elements (Liger's chunk_mem_const); larger = "

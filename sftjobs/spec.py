@@ -97,6 +97,7 @@ class SpeedSpec:
     fused_zero_update: bool
     zero1_gradients_in_place: bool
     liger_chunk_mem_const: int
+    recompute_by_length: bool
 
 
 @dataclass(frozen=True)

@@ -369,3 +369,24 @@ def test_zero1_gradients_in_place_train_the_same_steps(lf_setup):
     assert len(losses[False]) == 6 and losses[False][-1] < losses[False][0], losses
     assert close(losses[True], losses[False], tol=1e-6), losses
     assert len(norms[False]) == 6 and close(norms[True], norms[False], tol=1e-6), norms
+
+
+def test_recompute_by_length_trains_the_steps_of_full_recompute(lf_setup):
+    """speed.recompute_by_length under real DeepSpeed ZeRO-1 in bf16 with prod's lean step and fused update, through
+    LLaMA-Factory (gloo on the CPU, two ranks): micro-batches of ~150-900 tokens against a schedule that recomputes
+    none, one or both of the model's two layers by length train with the losses and gradient norms of LLaMA-Factory's
+    recompute of every layer."""
+    from sftjobs.templating import render_template
+
+    ds = lf_setup / "ds_rbl_z1.json"
+    ds.write_text(render_template("deepspeed.json.j2", stage=1, offload=False))
+    common = ("--lean-zero-step", "--fused-zero-update", f"deepspeed={ds}", "bf16=true")
+    full, _ = train(lf_setup, "z1_bf16_full_recompute", *common, ranks=2, port=29667)
+    by_length, err = train(lf_setup, "z1_bf16_by_length", "--recompute-by-length=150,300,100000", *common,
+                           ranks=2, port=29668)
+    assert "speed.recompute_by_length on: no layer recomputed up to 150 tokens" in err, err[-3000:]
+    used = {int(k) for k in re.findall(r"recompute_by_length: (\d) of 2 layers recomputed", err)}
+    assert used == {0, 1, 2}, re.findall(r"recompute_by_length: .*", err)  # the schedule's three cases all ran (rank 0's micro-batches)
+    assert len(full) == 6 and full[-1] < full[0] and close(by_length, full, tol=1e-6), (by_length, full)
+    norms = [logged(lf_setup, n, "grad_norm") for n in ("z1_bf16_full_recompute", "z1_bf16_by_length")]
+    assert len(norms[0]) == 6 and close(norms[1], norms[0], tol=1e-6), norms

@@ -121,10 +121,11 @@ def test_every_speed_switch_of_the_profile_reaches_the_entry_as_its_flag():
     from sftjobs.profile import SCHEMA
     from sftjobs.trainer.entry import SPEED_SWITCHES, parse_args
 
-    # every bool speed.* key is either an entry switch or a rendered DeepSpeed setting (zero1_gradients_in_place)
+    # every bool speed.* key is either an entry switch, a rendered DeepSpeed setting (zero1_gradients_in_place) or
+    # the memory plan's schedule passed as its value (recompute_by_length: tests/test_recompute_by_length.py)
     bool_keys = {name.removeprefix("speed.") for name, key in SCHEMA.items()
                  if name.startswith("speed.") and key.type is bool}
-    assert set(SPEED_SWITCHES) == bool_keys - {"zero1_gradients_in_place"}
+    assert set(SPEED_SWITCHES) == bool_keys - {"zero1_gradients_in_place", "recompute_by_length"}
 
     def entry_options(speed):  # the train step's command, parsed by the entry from the arguments after its module
         command = training_command(Path("/r/t.yaml"), None, speed, env={}, python="/py")

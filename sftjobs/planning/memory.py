@@ -184,15 +184,18 @@ def liger_chunk_tokens(tokens: int, vocab: int, hidden: int, chunk_mem_const: in
     return min(1 << (-(-tokens // inc_factor) - 1).bit_length(), tokens)
 
 
-def activation_bytes(s: ModelShape, w: Workload, recompute: bool) -> dict[str, int]:
-    """Activations of one micro-batch at the start of the backward pass, by part."""
+def activation_bytes(s: ModelShape, w: Workload, recompute: bool, layers_recomputed: int | None = None) -> dict[str, int]:
+    """Activations of one micro-batch at the start of the backward pass, by part. ``layers_recomputed`` (0 to
+    s.layers; default all with recompute, none without) is how many decoder layers keep only their input."""
     t = w.tokens
+    k = (s.layers if recompute else 0) if layers_recomputed is None else layers_recomputed
     per_hidden, per_intermediate = LAYER_BYTES_LIGER if w.liger else LAYER_BYTES_HF
     per_layer = per_hidden * s.hidden + per_intermediate * s.intermediate
-    if recompute:  # each layer's input (bf16) + one layer recomputed in full during the backward pass
-        layers = s.layers * t * s.hidden * 2 + t * per_layer
-    else:
-        layers = s.layers * t * per_layer
+    # A recomputed layer keeps only its input (bf16). The recomputed layers are the first k: the backward pass
+    # reaches them after the others' activations are freed, and recomputes one at a time, so the peak holds the
+    # kept layers' activations, or one recomputed layer's when all are recomputed.
+    full = max(s.layers - k, 1 if k else 0)
+    layers = k * t * s.hidden * 2 + full * t * per_layer
     if w.liger:
         # Fused linear cross-entropy: chunked logits, gradients computed in the forward pass (the lm_head's
         # weight gradient, V x h in bf16, and the input gradient) and kept until the backward pass.
@@ -203,7 +206,7 @@ def activation_bytes(s: ModelShape, w: Workload, recompute: bool) -> dict[str, i
         logits = CE_BYTES_PER_LOGIT * t * s.vocab
     attention = 0
     if w.attention == "disabled":
-        attention = (1 if recompute else s.layers) * w.batch_size * s.heads * w.cutoff_len ** 2 * EAGER_BYTES_PER_SCORE
+        attention = full * w.batch_size * s.heads * w.cutoff_len ** 2 * EAGER_BYTES_PER_SCORE
     if w.block_mask:
         attention += w.batch_size * w.cutoff_len ** 2 * 2
     return {"layers": layers, "logits": logits, "attention": attention}
@@ -239,10 +242,11 @@ def model_state_bytes(s: ModelShape, stage: str, world: int, fused_update: bool 
     return {"params": params, "grads": grads, "optimizer": optimizer, "buffers": buffers, "step": step}
 
 
-def estimate(s: ModelShape, stage: str, recompute: bool, world: int, w: Workload, gpu_memory_gib: float) -> dict[str, Any]:
+def estimate(s: ModelShape, stage: str, recompute: bool, world: int, w: Workload, gpu_memory_gib: float,
+             layers_recomputed: int | None = None) -> dict[str, Any]:
     """One layout's per-GPU estimate, in GiB: the allocated peak and the total it needs of the GPU."""
     states = model_state_bytes(s, stage, world, w.fused_update)
-    acts = activation_bytes(s, w, recompute)
+    acts = activation_bytes(s, w, recompute, layers_recomputed)
     activations = sum(acts.values())
     fixed = states["params"] + states["grads"] + states["optimizer"] + states["buffers"]
     allocated = fixed + max(activations, states["step"])
@@ -291,15 +295,25 @@ def choose_layout(shape: ModelShape, world: int, w: Workload, gpu_memory_gib: fl
 
 
 def _largest_cutoff_that_fits(s: ModelShape, stage: str, recompute: bool, world: int, w: Workload,
-                              gpu_memory_gib: float) -> int:
+                              gpu_memory_gib: float, layers_recomputed: int | None = None) -> int:
     lo, hi = 0, w.cutoff_len
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if estimate(s, stage, recompute, world, dataclasses.replace(w, cutoff_len=mid), gpu_memory_gib)["fits"]:
+        if estimate(s, stage, recompute, world, dataclasses.replace(w, cutoff_len=mid), gpu_memory_gib,
+                    layers_recomputed)["fits"]:
             lo = mid
         else:
             hi = mid - 1
     return lo
+
+
+def recompute_schedule(s: ModelShape, stage: str, world: int, w: Workload, gpu_memory_gib: float) -> list[int]:
+    """speed.recompute_by_length: entry k (0 to s.layers) is the most tokens a micro-batch may hold, by this
+    estimate, with its first k decoder layers recomputed and the rest keeping their activations; at most the longest
+    micro-batch (cutoff_len x per_device_train_batch_size). For each micro-batch the trainer recomputes the fewest
+    layers whose entry holds its tokens, and all of them where none does (sftjobs/trainer/recompute_by_length.py)."""
+    one_row = dataclasses.replace(w, cutoff_len=w.tokens, batch_size=1)
+    return [_largest_cutoff_that_fits(s, stage, True, world, one_row, gpu_memory_gib, k) for k in range(s.layers + 1)]
 
 
 def _nothing_fits(where: str, shape: ModelShape, world: int, w: Workload, gpu_gib: float,
@@ -369,6 +383,13 @@ def plan_memory(profile: Profile, model_dir: str | None) -> dict[str, Any] | Non
         chosen = candidates[0] if candidates else None
         reason = f"deepspeed: {deepspeed} as the profile sets it; batch.global_size {global_size} gives ga {ga}"
 
+    schedule = None
+    if (v.get("speed") or {}).get("recompute_by_length") and recompute and shape is not None:
+        schedule = recompute_schedule(shape, stage, world, w, gpu_gib)
+        most = next((k for k, tokens in enumerate(schedule) if tokens >= w.tokens), shape.layers)
+        reason += (f"; recompute by length (speed.recompute_by_length): no layer for a micro-batch of up to "
+                   f"{schedule[0]} tokens, {most} of {shape.layers} for the longest ({w.tokens})")
+
     inputs = {
         "model": {"hub": model["hub_id"], "path": model["path"]}.get(model["source"],
                                                                     f"synthetic {model['synthetic_shape']}"),
@@ -383,6 +404,7 @@ def plan_memory(profile: Profile, model_dir: str | None) -> dict[str, Any] | Non
     }
     return {"mode": "auto" if deepspeed == "auto" else "fixed", "inputs": inputs, "candidates": candidates,
             "stage": stage, "recompute": recompute, "disable_gradient_checkpointing": not recompute,
+            "recompute_by_tokens": schedule,
             "per_device_train_batch_size": w.batch_size, "gradient_accumulation_steps": ga,
             "global_batch": w.batch_size * ga * world,
             "global_batch_from": "batch.global_size" if global_size is not None else "profile",
@@ -414,7 +436,8 @@ def summary_line(plan: dict[str, Any]) -> str:
     world = inputs["world"]
     procs = f"{world} GPU{'s' if world != 1 else ''}" if inputs["gpus_per_node"] else "1 CPU process"
     stage = plan["stage"] if plan["mode"] == "auto" else f"{plan['stage']} (set in the profile)"
-    line = (f"memory plan: {label(stage, plan['recompute'])}, bs {plan['per_device_train_batch_size']} x ga "
+    layout = label(stage, plan["recompute"]) + (" by length" if plan.get("recompute_by_tokens") else "")
+    line = (f"memory plan: {layout}, bs {plan['per_device_train_batch_size']} x ga "
             f"{plan['gradient_accumulation_steps']} x {procs} = {plan['global_batch']}")
     if plan["estimate_gib"] is not None:
         line += f"; est. {plan['estimate_gib']:.1f} of {inputs['gpu_memory_gib']:g} GiB"

@@ -101,10 +101,11 @@ def save_log_path(run_dir: Path, step: str) -> Path:
 def training_command(config: Path, resume: Path | None, speed: dict | None = None, memory_log: Path | None = None,
                      env: dict[str, str] | None = None, python: str | None = None,
                      stop_marker: Path | None = None, save_log: Path | None = None,
-                     callbacks: tuple[str, ...] = ()) -> list[str]:
+                     callbacks: tuple[str, ...] = (), recompute_by_tokens: list[int] | None = None) -> list[str]:
     """The command the train step runs on each node (as a list: nothing goes through a shell). ``callbacks``
     (MODULE:FUNCTION factories of extra TrainerCallbacks) is for the benchmark, which runs this same command
-    with its step timer (bench/train_command.py); the train step passes none."""
+    with its step timer (bench/train_command.py); the train step passes none. ``recompute_by_tokens`` is the
+    memory plan's schedule (plan.json), passed on where speed.recompute_by_length is on."""
     env = os.environ if env is None else env
     python = python or sys.executable
     speed = speed or {}
@@ -113,6 +114,8 @@ def training_command(config: Path, resume: Path | None, speed: dict | None = Non
     for key in SPEED_VALUES:
         if speed.get(key):
             entry += [switch_flag(key), str(int(speed[key]))]
+    if speed.get("recompute_by_length") and recompute_by_tokens:
+        entry += ["--recompute-by-length", ",".join(str(int(n)) for n in recompute_by_tokens)]
     if memory_log is not None:
         entry += ["--memory-log", str(memory_log)]
     if stop_marker is not None:
@@ -305,7 +308,8 @@ def _train(ctx: StepContext, output_dir: Path) -> None:
     if ctx.node_rank == 0:
         marker.unlink(missing_ok=True)
     command = training_command(config, resume, ctx.profile.get("speed"), memory_log, stop_marker=marker,
-                               save_log=save_log_path(ctx.run_dir, ctx.step.name))
+                               save_log=save_log_path(ctx.run_dir, ctx.step.name),
+                               recompute_by_tokens=(ctx.memory_plan or {}).get("recompute_by_tokens"))
     training_log = log_dir / ("training.log" if ctx.node_rank == 0 else f"training.node{ctx.node_rank}.log")
     ctx.log(("resuming from " + str(resume)) if resume else f"starting {ctx.step.target} training into {output_dir}")
     ctx.log("$ " + shlex.join(command) + f"  (log: {training_log})")

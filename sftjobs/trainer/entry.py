@@ -3,7 +3,8 @@ runs) with sftjobs' in-process additions.
 
     python -m sftjobs.trainer.entry [--balance-ranks | --pack-rank-samples [--skip-idle-micro-steps]
                                      [--split-long-samples]] [--per-sample-attention]
-                                     [--cudnn-attention-bucket N] [--memory-log PREFIX]
+                                     [--cudnn-attention-bucket N] [--recompute-by-length T0,T1,...]
+                                     [--memory-log PREFIX]
                                      [--callback MODULE:FUNCTION ...] CFG.yaml [key=value ...]
 
 The train step starts it under torchrun on each node (as ``FORCE_TORCHRUN=1 llamafactory-cli train`` would);
@@ -20,6 +21,8 @@ the YAML and key=value overrides are read by LLaMA-Factory's own parser, unchang
                           runs no forward or backward, instead of a one-token row (install_idle_skip)
   --split-long-samples    with --pack-rank-samples: a step's longest sample, where it costs more than a GPU's
                           share, is split over a pair of GPUs (rank_balance, split_attention; install_split_halves)
+  --recompute-by-length T0,T1,...  each micro-batch recomputes only its first k decoder layers, k the first entry
+                          that holds its tokens (the memory plan's recompute_by_tokens; recompute_by_length.py)
   always                  a batch of one unpacked row is not padded to a multiple of 8, so SDPA keeps its causal
                           flash kernel (install_unpadded_single_rows)
   TENSORBOARD_LOGGING_DIR on transformers 4: passed on as the logging_dir=... override, which is what that version's
@@ -540,6 +543,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.add_argument(switch_flag(key), action="store_true")
     for key, what in SPEED_VALUES.items():
         parser.add_argument(switch_flag(key), type=int, default=0, metavar="N", help=f"{what} (0: off)")
+    parser.add_argument("--recompute-by-length", default="", metavar="T0,T1,...",
+                        help="speed.recompute_by_length: the memory plan's recompute_by_tokens (entry k: the most "
+                             "tokens a micro-batch may hold with its first k layers recomputed)")
     parser.add_argument("--memory-log", metavar="PREFIX")
     parser.add_argument("--stop-marker", metavar="PATH",
                         help="save at USR2/SIGTERM, stop, and write this JSON (sftjobs.trainer.signal_save)")
@@ -598,6 +604,14 @@ def main(argv: list[str] | None = None) -> None:
         from sftjobs.trainer import fused_zero_update
 
         fused_zero_update.install(log=log)
+    if opts.recompute_by_length:
+        from sftjobs.trainer import recompute_by_length
+
+        try:
+            schedule = recompute_by_length.parse_schedule(opts.recompute_by_length)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
+        callbacks.append(recompute_by_length.callback(schedule, log=log))
     if opts.memory_log:
         callbacks.append(make_memory_callback(opts.memory_log))
     from llamafactory.train.tuner import run_exp
