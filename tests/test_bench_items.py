@@ -28,8 +28,8 @@ ITEMS = load("summarize_prod").read_items()
 
 def test_the_items_are_the_ones_behind_the_readmes_numbers():
     assert list(ITEMS) == ["A", "P", "P_nodsfused", "P_fused", "P_compile", "P_zerostock", "P_unfused", "P_inplace",
-                           "P_liger1", "fast", "fast_fused", "fast_zerostock", "fast_unfused", "fast_inplace",
-                           "fast_liger1",
+                           "P_liger1", "P_recompute_all", "fast", "fast_fused", "fast_zerostock", "fast_unfused",
+                           "fast_inplace", "fast_liger1", "fast_recompute_all",
                            "chain", "toy",
                            "requeue_save", "data_step", "submit_status", "queue_waits"]
     assert all(item["where"] in ("gpu", "chain", "device", "cpu") and item["what"] for item in ITEMS.values())

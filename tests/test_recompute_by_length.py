@@ -67,7 +67,8 @@ def test_the_plan_carries_the_schedule_where_it_picks_recompute_and_the_switch_i
     assert on_80["recompute"] and len(on_80["recompute_by_tokens"]) == 37
     assert on_80["recompute_by_tokens"][0] > 5000 and "recompute by length" in on_80["reason"]
     assert "recompute by length" in memory.summary_line(on_80)
-    off = plan_of(tmp_path, "prod", "resources.gpus_per_node=1", "batch.global_size=2", "resources.gpu_memory_gib=80")
+    off = plan_of(tmp_path, "prod", "resources.gpus_per_node=1", "batch.global_size=2", "resources.gpu_memory_gib=80",
+                  "speed.recompute_by_length=false")
     assert off["recompute"] and off["recompute_by_tokens"] is None and "by length" not in memory.summary_line(off)
     # where the plan picks no recompute (one H200) there is nothing to schedule
     h200 = plan_of(tmp_path, "prod", "resources.gpus_per_node=1", "batch.global_size=2", "resources.gpu_memory_gib=141",
