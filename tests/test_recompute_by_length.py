@@ -140,3 +140,16 @@ def test_the_hook_stays_off_where_the_model_does_not_match_the_schedule():
     model.gradient_checkpointing_disable()
     assert rbl.attach(model, [10, 20, 30], log=lines.append) is None
     assert "gradient checkpointing is not on" in lines[1]
+
+
+def test_the_callback_attaches_at_train_begin_and_puts_full_recompute_back_at_train_end():
+    _, model = tiny_qwen2(layers=2)
+    layers = rbl.checkpointed_layers(model)
+    callback = rbl.callback([10, 20, 30], log=lambda _: None)
+    callback.on_train_begin(None, None, None, model=model)
+    model(input_ids=pytest.importorskip("torch").zeros((1, 5), dtype=int))  # 5 tokens: no layer recomputed
+    assert [layer.gradient_checkpointing for layer in layers] == [False, False]
+    callback.on_train_end(None, None, None, model=model)
+    assert [layer.gradient_checkpointing for layer in layers] == [True, True]
+    model(input_ids=pytest.importorskip("torch").zeros((1, 5), dtype=int))  # the hook is gone
+    assert [layer.gradient_checkpointing for layer in layers] == [True, True]

@@ -173,7 +173,7 @@ PATCHES: tuple[Patch, ...] = (
           verified={"transformers": TRANSFORMERS, "torch": TORCH},
           install="sftjobs.trainer.recompute_by_length:callback (a forward pre-hook on the model sets each decoder "
                   "layer's gradient_checkpointing flag per micro-batch)",
-          undo="the hook's handle.remove(); every layer's flag back to True",
+          undo="at the end of training the hook's handle.remove() and every layer's flag back to True",
           reaches="GradientCheckpointingLayer.gradient_checkpointing (an instance attribute LLaMA-Factory sets)"),
     Patch("loader_workers_survive_sigterm", ("signal_save.loader_workers",),
           targets=("transformers.trainer:seed_worker", "transformers:Trainer.get_train_dataloader"),

@@ -8,7 +8,8 @@ a forward pre-hook on the model sets, before each forward, the first k layers to
 their activations, k being the fewest layers whose entry holds the micro-batch's tokens (all where none does).
 
 The loss and gradients are those of full recompute: a recomputed layer runs the same forward again in the backward
-pass (tests/test_recompute_by_length.py compares them through LLaMA-Factory on two CPU ranks).
+pass (tests/test_lf_train.py compares them through LLaMA-Factory on two CPU ranks, tests/test_recompute_by_length_gpu.py
+in bf16 on a GPU). When training ends the hook is removed and every layer recomputes again, as LLaMA-Factory set it.
 """
 
 from __future__ import annotations
@@ -93,5 +94,12 @@ def callback(schedule: Sequence[int], log: Callable[[str], None] = print):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             if model is not None and self.handle is None:
                 self.handle = attach(model, schedule, log) or False
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            if self.handle:
+                self.handle.remove()
+                for layer in checkpointed_layers(model):
+                    layer.gradient_checkpointing = True
+                self.handle = None
 
     return RecomputeByLength()
