@@ -316,12 +316,6 @@ def recompute_schedule(s: ModelShape, stage: str, world: int, w: Workload, gpu_m
     return [_largest_cutoff_that_fits(s, stage, True, world, one_row, gpu_memory_gib, k) for k in range(s.layers + 1)]
 
 
-def layers_to_recompute(schedule: list[int] | tuple[int, ...], tokens: int) -> int:
-    """The fewest leading layers a micro-batch of ``tokens`` recomputes under a recompute_schedule: the first k whose
-    entry holds it; every layer (len(schedule) - 1) where none does."""
-    return next((k for k, most in enumerate(schedule) if tokens <= most), len(schedule) - 1)
-
-
 def _nothing_fits(where: str, shape: ModelShape, world: int, w: Workload, gpu_gib: float,
                   last: dict[str, Any], recompute: bool | None) -> SftjobsError:
     cutoff = _largest_cutoff_that_fits(shape, last["stage"], last["recompute"], world, w, gpu_gib)
@@ -392,7 +386,7 @@ def plan_memory(profile: Profile, model_dir: str | None) -> dict[str, Any] | Non
     schedule = None
     if (v.get("speed") or {}).get("recompute_by_length") and recompute and shape is not None:
         schedule = recompute_schedule(shape, stage, world, w, gpu_gib)
-        most = layers_to_recompute(schedule, w.tokens)
+        most = next((k for k, tokens in enumerate(schedule) if tokens >= w.tokens), shape.layers)
         reason += (f"; recompute by length (speed.recompute_by_length): no layer for a micro-batch of up to "
                    f"{schedule[0]} tokens, {most} of {shape.layers} for the longest ({w.tokens})")
 

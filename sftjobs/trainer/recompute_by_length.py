@@ -17,7 +17,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sftjobs.planning.memory import layers_to_recompute  # the plan's own lookup (pure python, no torch)
+
+def layers_to_recompute(schedule: Sequence[int], tokens: int) -> int:
+    """The fewest leading layers to recompute for a micro-batch of ``tokens``: the first k whose entry holds it;
+    every layer (len(schedule) - 1) where none does."""
+    return next((k for k, most in enumerate(schedule) if tokens <= most), len(schedule) - 1)
 
 
 def parse_schedule(text: str) -> list[int]:
