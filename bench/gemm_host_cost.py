@@ -1,13 +1,14 @@
 """Host (CPU) cost of one GEMM launch in the 3B model's shapes, per cuBLAS backend: what the profiles' aten::mm
 (48-81 us of self CPU per call on 1x H100, against ~13 us for an elementwise op) is made of.
 
-Runs on the device: `python3 bench/gemm_host_cost.py OUT.json`. For each backend torch offers
+Runs on the device: `python3 bench/gemm_host_cost.py OUT.json`. For cuBLAS and cuBLASLt
 (`torch.backends.cuda.preferred_blas_library`) it times, on the CPU with no synchronisation inside the timed loop,
-one decoder layer's forward and backward GEMMs x 36 layers (Qwen2.5-3B: q/k/v with bias, o, gate/up, down; the
-backward's dX and dW products), twice per token count: with a token count already seen (`repeat`) and with a new one
-on every pass (`new`, as every micro-batch of a packed run has its own length). An elementwise add in the same loop
-gives the launch floor. Every timed pass is short enough that the launch queue never fills, so the CPU never waits
-on the GPU inside it (the GPU time of each pass is printed beside it to show that)."""
+the GEMMs of Qwen2.5-3B's decoder layers (sftjobs' model shape table: q/k/v with bias, o, gate/up, down, each with
+the backward's dX and dW products) in two patterns: `repeat`, REPEAT_LAYERS layers at a token count seen just before,
+and `new`, one layer at a token count never seen (every micro-batch of a packed run has its own length). As many
+elementwise adds as a `repeat` pass has GEMMs give the launch floor. A `repeat` pass stays well under the launch
+queue's depth, so the CPU never waits on the GPU inside it: its GPU time, printed beside it, is far longer than its
+CPU time."""
 
 from __future__ import annotations
 
@@ -15,11 +16,17 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-HIDDEN, INTER, KV = 2048, 11008, 256  # Qwen2.5-3B: 16 heads x 128, 2 KV heads x 128
-LAYERS = 36
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sftjobs.planning.model_shapes import SYNTHETIC_SHAPES  # noqa: E402
+
+SHAPE = SYNTHETIC_SHAPES["qwen2.5-3b"]
+HIDDEN, INTER, LAYERS = SHAPE["hidden"], SHAPE["intermediate"], SHAPE["layers"]
+KV = SHAPE["kv_heads"] * HIDDEN // SHAPE["heads"]  # the K and V projections' width
+REPEAT_LAYERS = 12  # a third of the stack per `repeat` pass: its launches stay well under the queue's depth
 # (in, out, bias) of each linear of a decoder layer
 LINEARS = [(HIDDEN, HIDDEN, True), (HIDDEN, KV, True), (HIDDEN, KV, True), (HIDDEN, HIDDEN, False),
            (HIDDEN, INTER, False), (HIDDEN, INTER, False), (INTER, HIDDEN, False)]
@@ -74,9 +81,8 @@ def measure(backend: str, device: torch.device, first_new_length: int, passes: i
     grads = {n: torch.randn(most, n, device=device, dtype=torch.bfloat16) for n in (HIDDEN, KV, INTER)}
     gemms(6_000, 1, params, inputs, grads)  # cuBLAS handles, workspaces, first heuristics
     out: dict = {"backend": str(torch.backends.cuda.preferred_blas_library())}
-    # repeat: 12 layers (a third of the stack: the launches stay well under the queue's depth) at a length seen
-    # just before; new: one layer at a length never seen, so each of its 21 GEMM shapes is new
-    for pattern, layers in (("repeat", 12), ("new", 1)):
+    # new: one layer at a length never seen, so its first GEMM of each shape meets a new token count
+    for pattern, layers in (("repeat", REPEAT_LAYERS), ("new", 1)):
         cpu_us, gpu_ms = [], []
         for i in range(passes):
             tokens = 6_279 if pattern == "repeat" else first_new_length + 997 * i
@@ -87,7 +93,7 @@ def measure(backend: str, device: torch.device, first_new_length: int, passes: i
             gpu_ms.append(gpu * 1e3)
         out[pattern] = {"layers": layers, "host_us_per_gemm_median": statistics.median(cpu_us),
                         "host_us_per_gemm": cpu_us, "gpu_ms_per_pass": gpu_ms}
-    adds = [timed(add_pass, 6_279, inputs, 3 * len(LINEARS) * 12)[0] * 1e6 for _ in range(passes)]
+    adds = [timed(add_pass, 6_279, inputs, 3 * len(LINEARS) * REPEAT_LAYERS)[0] * 1e6 for _ in range(passes)]
     out["add_host_us_median"] = statistics.median(adds)
     return out
 
@@ -95,8 +101,8 @@ def measure(backend: str, device: torch.device, first_new_length: int, passes: i
 def main(argv: list[str]) -> int:
     device = torch.device("cuda")
     result = {"gemms_per_step": 3 * len(LINEARS) * LAYERS, "card": torch.cuda.get_device_name(0),
-              "torch": torch.__version__, "cuda": torch.version.cuda, "default_backend": str(torch.backends.cuda.preferred_blas_library()),
-              "backends": []}
+              "torch": torch.__version__, "cuda": torch.version.cuda,
+              "default_backend": str(torch.backends.cuda.preferred_blas_library()), "backends": []}
     for first_new_length, backend in ((4_001, "cublas"), (4_003, "cublaslt")):
         row = measure(backend, device, first_new_length)
         result["backends"].append(row)
