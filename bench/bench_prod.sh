@@ -22,6 +22,8 @@ SHAPE=${SHAPE:-qwen2.5-3b}; NDATA=${NDATA:-2000}; BUDGET_S=${BUDGET_S:-560}; TAG
 DRY_SAMPLES=${DRY_SAMPLES:-1000}; WARM=${WARM:-3}
 OUT=${OUT:-/tmp/out}; W=${BENCH_WORK:-/tmp/bp}; REPO=$PWD
 mkdir -p "$OUT" "$W"
+# a warm machine keeps $W: drop the last invocation's results so the summary lists only this one's items
+rm -rf "$W"/out_* "$W"/render_* "$W"/chain_* "$W"/skipped.txt
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export DISABLE_VERSION_CHECK=1 BENCH_EXIT_AT_END=1
