@@ -27,6 +27,7 @@ SHAPE = SYNTHETIC_SHAPES["qwen2.5-3b"]
 HIDDEN, INTER, LAYERS = SHAPE["hidden"], SHAPE["intermediate"], SHAPE["layers"]
 KV = SHAPE["kv_heads"] * HIDDEN // SHAPE["heads"]  # the K and V projections' width
 REPEAT_LAYERS = 12  # a third of the stack per `repeat` pass: its launches stay well under the queue's depth
+REPEAT_TOKENS = 6_279  # the `repeat` passes' and the adds' token count: P's mean tokens per step
 # (in, out, bias) of each linear of a decoder layer
 LINEARS = [(HIDDEN, HIDDEN, True), (HIDDEN, KV, True), (HIDDEN, KV, True), (HIDDEN, HIDDEN, False),
            (HIDDEN, INTER, False), (HIDDEN, INTER, False), (INTER, HIDDEN, False)]
@@ -85,7 +86,7 @@ def measure(backend: str, device: torch.device, first_new_length: int, passes: i
     for pattern, layers in (("repeat", REPEAT_LAYERS), ("new", 1)):
         cpu_us, gpu_ms = [], []
         for i in range(passes):
-            tokens = 6_279 if pattern == "repeat" else first_new_length + 997 * i
+            tokens = REPEAT_TOKENS if pattern == "repeat" else first_new_length + 997 * i
             if pattern == "repeat":
                 gemms(tokens, layers, params, inputs, grads)
             cpu, gpu = timed(gemms, tokens, layers, params, inputs, grads)
@@ -93,7 +94,7 @@ def measure(backend: str, device: torch.device, first_new_length: int, passes: i
             gpu_ms.append(gpu * 1e3)
         out[pattern] = {"layers": layers, "host_us_per_gemm_median": statistics.median(cpu_us),
                         "host_us_per_gemm": cpu_us, "gpu_ms_per_pass": gpu_ms}
-    adds = [timed(add_pass, 6_279, inputs, 3 * len(LINEARS) * REPEAT_LAYERS)[0] * 1e6 for _ in range(passes)]
+    adds = [timed(add_pass, REPEAT_TOKENS, inputs, 3 * len(LINEARS) * REPEAT_LAYERS)[0] * 1e6 for _ in range(passes)]
     out["add_host_us_median"] = statistics.median(adds)
     return out
 
